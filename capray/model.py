@@ -1,0 +1,234 @@
+"""Show, Attend and Tell: Bahdanau attention over image regions and a recurrent decoder.
+
+Architecture only: no IO, no Ray, no training loop. The encoder (a frozen CNN) lives in
+``capray.encoders``; this file starts from its region features.
+
+Shape legend:
+    B batch (images)   P image regions   E encoder channels   R projected region dim
+    A attention dim    D decoder hidden  M word embedding     V vocabulary   T tokens   K beam
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DECODER_KINDS = ("gru", "lstm")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    """V: number of words, specials included (``<pad>`` is id 0)."""
+    feature_dim: int
+    """E: channels of the encoder's region features (taken from the encoder, never hard-coded)."""
+    kind: str = "gru"
+    """``gru``: the TensorFlow tutorial's decoder; ``lstm``: the paper's, with the sigmoid gate on the context."""
+    embed_dim: int = 256
+    """M: word embedding size (the seed's 256)."""
+    hidden_dim: int = 512
+    """D: recurrent state size (the seed's 512 units)."""
+    projection_dim: int = 256
+    """R: regions are projected to this size by a dense layer + ReLU (the seed's CNN_Encoder)."""
+    attention_dim: int = 512
+    """A: Bahdanau attention's hidden size (the seed uses the decoder's units)."""
+    dropout: float = 0.0
+    """Dropout before the output layer (the paper uses 0.5 on COCO; the seed none)."""
+    start_id: int = 1
+    """Id of ``<start>``."""
+    end_id: int = 2
+    """Id of ``<end>``."""
+
+    def __post_init__(self):
+        if self.kind not in DECODER_KINDS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODER_KINDS)}, got {self.kind!r}")
+        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "projection_dim", "attention_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decoded:
+    """What greedy and beam search return for a batch of images."""
+
+    tokens: torch.Tensor
+    """(B, T) word ids, ``<end>`` included, padded with 0 after it."""
+    scores: torch.Tensor
+    """(B,) mean log-probability per token (``<end>`` counted) of each chosen caption."""
+    attention: torch.Tensor
+    """(B, T, P) attention over regions for each emitted word."""
+    lengths: torch.Tensor
+    """(B,) number of emitted tokens, ``<end>`` included."""
+
+
+class Attention(nn.Module):
+    """Bahdanau (additive) attention: score_i = v · tanh(W1 r_i + W2 h)."""
+
+    def __init__(self, region_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.w_regions = nn.Linear(region_dim, attention_dim)
+        self.w_hidden = nn.Linear(hidden_dim, attention_dim)
+        self.v = nn.Linear(attention_dim, 1)
+
+    def keys(self, regions: torch.Tensor) -> torch.Tensor:
+        """W1 r_i, computed once per image rather than once per word."""
+        return self.w_regions(regions)  # (B, P, A)
+
+    def forward(self, keys: torch.Tensor, regions: torch.Tensor, hidden: torch.Tensor):
+        scores = self.v(torch.tanh(keys + self.w_hidden(hidden).unsqueeze(1))).squeeze(2)  # (B, P)
+        alpha = scores.softmax(dim=1)  # (B, P)
+        context = (alpha.unsqueeze(2) * regions).sum(dim=1)  # (B, R)
+        return context, alpha
+
+
+class Decoder(nn.Module):
+    """Attention decoder over region features; ``forward`` is teacher-forced, the searches are not."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = c = config
+        # Per-channel feature standardisation, set from train-split statistics by training and
+        # saved in the checkpoint so captioning applies exactly what training saw.
+        self.register_buffer("feature_mean", torch.zeros(c.feature_dim))
+        self.register_buffer("feature_std", torch.ones(c.feature_dim))
+        self.project = nn.Sequential(nn.Linear(c.feature_dim, c.projection_dim), nn.ReLU())
+        self.attention = Attention(c.projection_dim, c.hidden_dim, c.attention_dim)
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.init_h = nn.Linear(c.projection_dim, c.hidden_dim)
+        is_lstm = c.kind == "lstm"
+        self.init_c = nn.Linear(c.projection_dim, c.hidden_dim) if is_lstm else None
+        self.gate = nn.Linear(c.hidden_dim, c.projection_dim) if is_lstm else None
+        cell = nn.LSTMCell if is_lstm else nn.GRUCell
+        self.cell = cell(c.embed_dim + c.projection_dim, c.hidden_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.out = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def encode(self, features: torch.Tensor):
+        """Standardise and project the regions; initial state from the mean region (the paper's f_init)."""
+        x = (features.float() - self.feature_mean) / self.feature_std  # (B, P, E)
+        regions = self.project(x)  # (B, P, R)
+        keys = self.attention.keys(regions)  # (B, P, A)
+        mean = regions.mean(dim=1)  # (B, R)
+        h = torch.tanh(self.init_h(mean))  # (B, D)
+        state = (h, torch.tanh(self.init_c(mean))) if self.init_c is not None else h
+        return regions, keys, state
+
+    def step(self, tokens: torch.Tensor, state, regions: torch.Tensor, keys: torch.Tensor):
+        """One word: (B,) previous tokens → (B, V) logits, new state, (B, P) attention."""
+        h = state[0] if isinstance(state, tuple) else state  # (B, D)
+        context, alpha = self.attention(keys, regions, h)  # (B, R), (B, P)
+        if self.gate is not None:
+            context = torch.sigmoid(self.gate(h)) * context  # the paper's gating scalar β, per channel
+        x = torch.cat([self.embed(tokens), context], dim=1)  # (B, M + R)
+        state = self.cell(x, state)
+        h = state[0] if isinstance(state, tuple) else state
+        return self.out(self.dropout(h)), state, alpha  # (B, V)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor):
+        """Teacher forcing: features (B, P, E), tokens (B, T) → logits (B, T-1, V), attention (B, T-1, P).
+
+        Position t predicts ``tokens[:, t + 1]`` from the true ``tokens[:, t]``.
+        """
+        regions, keys, state = self.encode(features)
+        logits, alphas = [], []
+        for t in range(tokens.size(1) - 1):
+            step_logits, state, alpha = self.step(tokens[:, t], state, regions, keys)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+
+    @torch.no_grad()
+    def greedy(self, features: torch.Tensor, *, max_length: int = 20) -> Decoded:
+        """Most likely word at every step, for a whole batch at once."""
+        regions, keys, state = self.encode(features)
+        batch = features.size(0)
+        tokens = torch.full((batch,), self.config.start_id, dtype=torch.long, device=features.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
+        total = torch.zeros(batch, device=features.device)
+        out_tokens, out_alpha = [], []
+        for _ in range(max_length):
+            logits, state, alpha = self.step(tokens, state, regions, keys)
+            logp = logits.float().log_softmax(dim=1)  # (B, V)
+            best, tokens = logp.max(dim=1)  # (B,), (B,)
+            total += best.masked_fill(finished, 0.0)
+            tokens = tokens.masked_fill(finished, 0)
+            out_tokens.append(tokens)
+            out_alpha.append(alpha.masked_fill(finished.unsqueeze(1), 0.0))
+            finished |= tokens == self.config.end_id
+            if finished.all():
+                break
+        return _finish(torch.stack(out_tokens, 1), total, torch.stack(out_alpha, 1), self.config.end_id)
+
+    @torch.no_grad()
+    def beam_search(self, features: torch.Tensor, *, beam_size: int = 3, max_length: int = 20) -> Decoded:
+        """Beam search over a whole batch at once: B images × K beams run as one (B·K) batch.
+
+        Beams are ranked by their summed log-probability while searching; the final caption is the
+        finished beam with the best mean log-probability per token (length normalisation).
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam size must be at least 1, got {beam_size}")
+        batch, k, device = features.size(0), beam_size, features.device
+        end_id = self.config.end_id
+        regions, keys, state = self.encode(features)
+        # Each image's tensors repeated for its K beams: (B·K, ...), beams of one image adjacent.
+        regions, keys = regions.repeat_interleave(k, 0), keys.repeat_interleave(k, 0)  # (B·K, P, R|A)
+        state = _map_state(state, lambda s: s.repeat_interleave(k, 0))
+        tokens = torch.full((batch * k,), self.config.start_id, dtype=torch.long, device=device)
+        # Only beam 0 is alive at the start, so the K beams do not all pick the same first word.
+        scores = torch.full((batch, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+        history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (B·K, t)
+        alphas = torch.empty(batch * k, 0, regions.size(1), device=device)  # (B·K, t, P)
+        offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+        for _ in range(max_length):
+            logits, state, alpha = self.step(tokens, state, regions, keys)
+            logp = logits.float().log_softmax(dim=1)  # (B·K, V)
+            # A finished beam can only continue with <end> at no cost: its score stays frozen.
+            logp[finished] = float("-inf")
+            logp[finished, end_id] = 0.0
+            vocab = logp.size(1)
+            candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)  # (B, K·V)
+            scores, flat = candidates.topk(k, dim=1)  # (B, K)
+            beam = (flat // vocab + offsets).view(-1)  # (B·K,) source rows
+            tokens = (flat % vocab).view(-1)  # (B·K,)
+            was_finished = finished[beam]
+            state = _map_state(state, lambda s: s[beam])
+            alpha = alpha[beam].masked_fill(was_finished.unsqueeze(1), 0.0)
+            history = torch.cat([history[beam], tokens.masked_fill(was_finished, 0).unsqueeze(1)], dim=1)
+            alphas = torch.cat([alphas[beam], alpha.unsqueeze(1)], dim=1)
+            finished = was_finished | (tokens == end_id)
+            if finished.all():
+                break
+        lengths = _lengths(history, end_id).view(batch, k)  # (B, K)
+        mean = scores / lengths  # (B, K)
+        # Prefer beams that reached <end>; among them, the best mean log-probability per token.
+        ended = finished.view(batch, k)
+        best = mean.masked_fill(~ended & ended.any(dim=1, keepdim=True), float("-inf")).argmax(dim=1)
+        rows = best + offsets.squeeze(1)  # (B,)
+        return Decoded(tokens=history[rows], scores=mean.gather(1, best.unsqueeze(1)).squeeze(1),
+                       attention=alphas[rows], lengths=lengths.view(-1)[rows].long())
+
+
+def _finish(tokens: torch.Tensor, total: torch.Tensor, alpha: torch.Tensor, end_id: int) -> Decoded:
+    lengths = _lengths(tokens, end_id)
+    return Decoded(tokens=tokens, scores=total / lengths, attention=alpha, lengths=lengths.long())
+
+
+def _lengths(tokens: torch.Tensor, end_id: int) -> torch.Tensor:
+    """Tokens up to and including the first ``<end>`` (all of them when there is none)."""
+    is_end = tokens == end_id  # (N, T)
+    first = torch.where(is_end.any(1), is_end.float().argmax(1) + 1, torch.full_like(is_end[:, 0], tokens.size(1), dtype=torch.long))
+    return first.float()
+
+
+def _map_state(state, fn):
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)

@@ -1,0 +1,77 @@
+"""Connecting to Ray and sizing actors and workers from the cluster's resources.
+
+On a 2-core machine two actors at the default 1 CPU each take both cores and the read tasks
+feeding them never run (a silent hang), so CPU shares are derived from what the cluster has.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, configure_logging=False,
+             **({"include_dashboard": False} if address == "local" else {}))
+    log.info("Ray: %s (%s CPUs, %s GPUs)", "local" if address == "local" else address,
+             ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many model actors, and what each asks Ray for."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    """torch threads per actor (CPU inference)."""
+
+
+def plan_actors(*, actors: int, gpus_per_actor: float, total_cpus: float, total_gpus: float,
+                reserve_cpus: float = 1.0) -> ActorPlan:
+    """Actor count and resources: one per GPU by default, else one; CPU shares leave room for decoding.
+
+    ``reserve_cpus`` is kept free for the CPU tasks that read and decode images.
+    """
+    if actors < 0 or gpus_per_actor < 0:
+        raise ValueError("--actors and --gpus-per-actor must not be negative")
+    if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
+    if actors == 0:
+        actors = max(1, int(total_gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
+    if gpus_per_actor > 0 and actors * gpus_per_actor > total_gpus:
+        raise ValueError(f"{actors} actors × {gpus_per_actor:g} GPUs exceed the cluster's {total_gpus:g} GPUs")
+    if gpus_per_actor > 0:
+        # GPU actors need a little CPU for batching and host-to-device copies, no more.
+        num_cpus = min(1.0, max(0.25, (total_cpus - reserve_cpus) / actors))
+    else:
+        num_cpus = max(0.25, min(float(max(1, int(total_cpus))), (total_cpus - reserve_cpus) / actors))
+        num_cpus = min(num_cpus, max(0.25, total_cpus / actors))
+    threads = max(1, int(round(num_cpus))) if gpus_per_actor == 0 else 1
+    return ActorPlan(actors=actors, num_cpus=round(num_cpus, 2), num_gpus=gpus_per_actor, threads=threads)
+
+
+def cpus_per_worker(*, workers: int, total_cpus: float, reserve_cpus: float = 1.0) -> float:
+    """CPU share of a Ray Train worker: at most 1, fractional when the cluster is small."""
+    return round(max(0.25, min(1.0, (total_cpus - reserve_cpus) / workers)), 2)
