@@ -41,11 +41,13 @@ def read_annotations(uri: str, *, images: str | None = None, split: str | None =
     """
     text = storage.read_text(uri)
     root = images or storage.parent(uri)
-    if uri.endswith(".jsonl") or (text.lstrip().startswith("{") and "\n{" in text.strip()):
+    if uri.endswith(".jsonl"):
         return _read_manifest(uri, text, root)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{"):  # several JSON objects: a manifest (it names the bad line)
+            return _read_manifest(uri, text, root)
         raise AnnotationError(f"{uri}: not valid JSON or JSONL ({exc})") from exc
     if isinstance(obj, dict) and "annotations" in obj and "images" in obj:
         return _read_coco(uri, obj, root, split)

@@ -99,10 +99,11 @@ def build_encoder(spec: EncoderSpec, *, load_weights: bool = True) -> RegionEnco
     implies, but the weights are left for the caller to load (from a checkpoint).
     """
     spec = spec.resolved()
-    torch.manual_seed(spec.seed)
-    if spec.name == EFFICIENTNET_LITE0:
-        return _build_lite0(spec, load_weights)
-    return _build_torchvision(spec, load_weights)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's generator
+        torch.manual_seed(spec.seed)
+        if spec.name == EFFICIENTNET_LITE0:
+            return _build_lite0(spec, load_weights)
+        return _build_torchvision(spec, load_weights)
 
 
 def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:

@@ -75,7 +75,7 @@ class Attention(nn.Module):
         super().__init__()
         self.w_regions = nn.Linear(region_dim, attention_dim)
         self.w_hidden = nn.Linear(hidden_dim, attention_dim)
-        self.v = nn.Linear(attention_dim, 1)
+        self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def keys(self, regions: torch.Tensor) -> torch.Tensor:
         """W1 r_i, computed once per image rather than once per word."""
@@ -131,12 +131,17 @@ class Decoder(nn.Module):
         h = state[0] if isinstance(state, tuple) else state
         return self.out(self.dropout(h)), state, alpha  # (B, V)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor):
-        """Teacher forcing: features (B, P, E), tokens (B, T) → logits (B, T-1, V), attention (B, T-1, P).
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None):
+        """Teacher forcing: features (B, P, E), tokens (N, T) → logits (N, T-1, V), attention (N, T-1, P).
 
-        Position t predicts ``tokens[:, t + 1]`` from the true ``tokens[:, t]``.
+        Position t predicts ``tokens[:, t + 1]`` from the true ``tokens[:, t]``. ``image_index`` (N,)
+        says which image each caption belongs to (default: caption i ↔ image i), so an image with
+        several captions is projected once.
         """
         regions, keys, state = self.encode(features)
+        if image_index is not None:
+            regions, keys = regions.index_select(0, image_index), keys.index_select(0, image_index)  # (N, P, R|A)
+            state = _map_state(state, lambda s: s.index_select(0, image_index))
         logits, alphas = [], []
         for t in range(tokens.size(1) - 1):
             step_logits, state, alpha = self.step(tokens[:, t], state, regions, keys)

