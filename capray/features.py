@@ -201,7 +201,8 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
                         batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,
                                                        "threads": plan.threads},
-                        compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_size=config.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, num_blocks)),
+                        batch_size=config.batch_size,
                         batch_format="pyarrow", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
     ds.write_parquet(out, min_rows_per_file=config.rows_per_file, filename_provider=_PartNames())
 

@@ -45,7 +45,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> tup
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            array = np.asarray(rgb, dtype=np.uint8)
+            array = np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy wants it so
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

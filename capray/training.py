@@ -238,7 +238,7 @@ def train_worker(loop_config: dict) -> None:
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     use_amp, amp_dtype = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-    epoch, step, best = 0, 0, float("-inf")
+    epoch, step, best, resumed_from = 0, 0, float("-inf"), -1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -250,6 +250,7 @@ def train_worker(loop_config: dict) -> None:
                 scaler.load_state_dict(extra["scaler"])
             train_state = storage.read_json(os.path.join(directory, TRAIN_STATE_FILE))
         epoch, step = train_state["epoch"] + 1, train_state["step"]
+        resumed_from = epoch
         best = train_state.get("best_val_bleu4", float("-inf"))
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d (step %d)", epoch, step)
@@ -278,7 +279,7 @@ def train_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "step": step, "train_loss": train_metrics["train_loss"], "val_loss": val_loss,
                    "val_bleu4": val_bleu4, "best_val_bleu4": best, "lr": optimizer.param_groups[0]["lr"],
                    "train_images_per_s": train_metrics["train_images"] * world / max(train_metrics["train_seconds"], 1e-9),
-                   "example": hyps[0] if hyps else ""}
+                   "resumed_from_epoch": resumed_from, "example": hyps[0] if hyps else ""}
         if rank == 0:
             log.info("epoch %d/%d  train loss %.3f  val loss %.3f  val BLEU-4 %.3f  (%.0f images/s)",
                      epoch + 1, config.epochs, metrics["train_loss"], val_loss, val_bleu4,
