@@ -59,6 +59,8 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-dim", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention-weight", type=float, default=1.0, help="doubly stochastic attention λ")
+    p.add_argument("--captions-per-image", type=int, default=0,
+                   help="captions sampled per image per epoch (default 0: all)")
     p.add_argument("--val-images", type=int, default=500, help="val images decoded per epoch for BLEU-4")
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

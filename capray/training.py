@@ -64,6 +64,8 @@ class TrainConfig:
     """Attention hidden size."""
     dropout: float = 0.0
     """Dropout before the output layer."""
+    captions_per_image: int = 0
+    """Reference captions used per image per epoch, sampled afresh each epoch; 0 uses all of them."""
     max_length: int = 20
     """Longest caption generated in validation."""
     val_images: int = 500
@@ -82,6 +84,8 @@ class TrainConfig:
     """Test-only: ``RANK:STEP`` makes that rank exit at that global step, once per run."""
 
     def __post_init__(self):
+        if self.captions_per_image < 0:
+            raise ValueError(f"--captions-per-image must be >= 0, got {self.captions_per_image}")
         for name in ("workers", "epochs", "batch_size", "max_length", "val_images", "stats_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -111,11 +115,20 @@ class Batch:
     references: list[list[str]] = field(default_factory=list)
 
 
-def collate(batch: dict, device: torch.device) -> Batch:
-    """A Ray Data numpy batch of images → tensors; captions are padded to the batch's longest."""
-    features = torch.as_tensor(np.ascontiguousarray(batch[FEATURES])).to(device, non_blocking=True)
-    token_lists = [t for image_tokens in batch[TOKENS] for t in image_tokens]
-    image_index = [i for i, image_tokens in enumerate(batch[TOKENS]) for _ in image_tokens]
+def collate(batch: dict, device: torch.device, *, captions_per_image: int = 0,
+            rng: np.random.Generator | None = None) -> Batch:
+    """A Ray Data numpy batch of images → tensors; captions are padded to the batch's longest.
+
+    With ``captions_per_image`` k > 0, k of each image's captions are drawn at random (all if fewer).
+    """
+    features = torch.as_tensor(np.array(batch[FEATURES])).to(device, non_blocking=True)
+    per_image = [list(t) for t in batch[TOKENS]]
+    if captions_per_image:
+        rng = rng or np.random.default_rng()
+        per_image = [[t[j] for j in sorted(rng.choice(len(t), min(captions_per_image, len(t)), replace=False))]
+                     for t in per_image]
+    token_lists = [t for image_tokens in per_image for t in image_tokens]
+    image_index = [i for i, image_tokens in enumerate(per_image) for _ in image_tokens]
     longest = max(len(t) for t in token_lists)
     tokens = np.zeros((len(token_lists), longest), dtype=np.int64)  # (N, T), 0 = <pad>
     for row, t in enumerate(token_lists):
@@ -163,8 +176,9 @@ def train_epoch(model, optimizer, batches: Iterable[dict], *, config: TrainConfi
     model.train()
     use_amp, amp_dtype = amp_settings(device)
     ce_total, token_total, images, started = 0.0, 0, 0, time.perf_counter()
+    rng = np.random.default_rng([config.seed, step])
     for raw in batches:
-        batch = collate(raw, device)
+        batch = collate(raw, device, captions_per_image=config.captions_per_image, rng=rng)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, total_steps)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -230,6 +244,8 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(loop_config["threads"])  # the worker's CPU share, not the node's core count
     torch.manual_seed(config.seed)
     decoder = Decoder(DecoderConfig(**loop_config["decoder"]))
     decoder.feature_mean.copy_(torch.tensor(loop_config["feature_mean"]))
@@ -374,6 +390,9 @@ def train(config: TrainConfig) -> dict:
     ensure_ray()
     train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
     val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
+    if _fits_in_object_store(info):
+        # Small enough to keep in Ray's object store: epochs then skip re-reading the Parquet files.
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     mean, std = feature_statistics(train_ds, max_images=config.stats_images)
     train_images = info["splits"]["train"]["images"]
     cpus = config.cpus_per_worker or cpus_per_worker(workers=config.workers, total_cpus=cluster_cpus())
@@ -384,6 +403,7 @@ def train(config: TrainConfig) -> dict:
         "feature_mean": mean.tolist(),
         "feature_std": std.tolist(),
         "steps_per_epoch": math.ceil(train_images / config.workers / config.batch_size),
+        "threads": max(1, int(cpus)),
         "encoder_state_uri": storage.join(config.features, ENCODER_STATE_FILE),
         "fault_marker": storage.join(run_dir, ".injected-fault"),
         "checkpoint_config": {"encoder": info["encoder"], "decoder": decoder_config.to_dict(),
@@ -424,6 +444,14 @@ def print_summary(summary: dict) -> None:
           f"{summary['seconds']:.0f} s")
     print(f"latest checkpoint: {summary['checkpoint']}")
     print(f"caption with: capray caption --checkpoint {summary['run']} --input IMAGES --output OUT")
+
+
+def _fits_in_object_store(info: dict, *, fraction: float = 0.25) -> bool:
+    import ray
+
+    row_bytes = 2 * info["num_regions"] * info["num_features"] + 512  # fp16 features + captions
+    images = info["splits"]["train"]["images"] + info["splits"]["val"]["images"]
+    return images * row_bytes < fraction * ray.available_resources().get("object_store_memory", 0)
 
 
 def _storage_path(out: str) -> str:
