@@ -211,3 +211,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:500] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -240,6 +240,8 @@ def train_worker(loop_config: dict) -> None:
     if not logging.getLogger().handlers:  # a fresh worker process: progress lines go to the driver's log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+    # Ray Train logs every report and checkpoint at INFO; our epoch line says the same in one line.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     vocab = Vocabulary(loop_config["vocab"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -385,8 +387,14 @@ def train(config: TrainConfig) -> dict:
     run_dir = storage.join(config.out, config.name)
     previous = existing_checkpoints(run_dir)
     if previous:
-        log.info("resuming run %s: %d checkpoint(s) in %s; training continues up to epoch %d",
-                 config.name, len(previous), run_dir, config.epochs)
+        latest = max((storage.read_json(storage.join(d, TRAIN_STATE_FILE)) for d in previous),
+                     key=lambda state: state["epoch"])
+        if latest["epoch"] + 1 >= config.epochs:
+            log.info("run %s already trained %d epochs; pass a larger --epochs to continue", run_dir,
+                     latest["epoch"] + 1)
+            return _summary(run_dir, config, latest, resumed=True, checkpoint=None, started=started)
+        log.info("resuming run %s from epoch %d (%d checkpoint(s) in %s); training continues up to epoch %d",
+                 config.name, latest["epoch"] + 1, len(previous), run_dir, config.epochs)
     ensure_ray()
     train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
     val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
@@ -427,14 +435,16 @@ def train(config: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    metrics = result.metrics or {}
-    best = result.best_checkpoints[0][1] if result.best_checkpoints else {}
-    return {"run": run_dir, "resumed": bool(previous), "epochs": config.epochs,
-            "last_epoch": metrics.get("epoch"), "val_bleu4": metrics.get("val_bleu4"),
-            "best_val_bleu4": metrics.get("best_val_bleu4", best.get("val_bleu4")),
-            "train_loss": metrics.get("train_loss"), "val_loss": metrics.get("val_loss"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "seconds": round(time.perf_counter() - started, 1)}
+    return _summary(run_dir, config, result.metrics or {}, resumed=bool(previous),
+                    checkpoint=result.checkpoint.path if result.checkpoint else None, started=started)
+
+
+def _summary(run_dir: str, config: TrainConfig, metrics: dict, *, resumed: bool, checkpoint: str | None,
+             started: float) -> dict:
+    return {"run": run_dir, "resumed": resumed, "epochs": config.epochs, "last_epoch": metrics.get("epoch", -1),
+            "val_bleu4": metrics.get("val_bleu4", 0.0), "best_val_bleu4": metrics.get("best_val_bleu4", 0.0),
+            "train_loss": metrics.get("train_loss", 0.0), "val_loss": metrics.get("val_loss", 0.0),
+            "checkpoint": checkpoint, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def print_summary(summary: dict) -> None:
@@ -442,7 +452,8 @@ def print_summary(summary: dict) -> None:
           f"{(summary['last_epoch'] or 0) + 1}/{summary['epochs']}, val BLEU-4 {summary['val_bleu4']:.3f} "
           f"(best {summary['best_val_bleu4']:.3f}), train loss {summary['train_loss']:.3f}, "
           f"{summary['seconds']:.0f} s")
-    print(f"latest checkpoint: {summary['checkpoint']}")
+    if summary["checkpoint"]:
+        print(f"latest checkpoint: {summary['checkpoint']}")
     print(f"caption with: capray caption --checkpoint {summary['run']} --input IMAGES --output OUT")
 
 

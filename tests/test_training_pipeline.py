@@ -89,6 +89,8 @@ def test_a_second_invocation_resumes_and_the_model_learns(pipeline, faulted_run)
     assert summary["resumed"]
     state = storage.read_json(f"{resolve_latest(f'{config.out}/{config.name}')}/{TRAIN_STATE_FILE}")
     assert state["epoch"] == 7 and state["resumed_from_epoch"] == 2  # continued the count, not restarted
+    again = train(more)  # nothing left to do: says so without starting a trainer
+    assert again["resumed"] and again["last_epoch"] == 7 and again["checkpoint"] is None
 
     out = f"{pipeline['root']}/eval"
     metrics = evaluate(EvaluateConfig(checkpoint=f"{config.out}/{config.name}", features=pipeline["features"],
