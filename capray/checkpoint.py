@@ -106,7 +106,7 @@ def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> LoadedMo
         encoder = build_encoder(spec, load_weights=False)
         decoder = Decoder(decoder_config)
         encoder.load_state_dict(_with_prefix(state, "encoder."))
-        decoder.load_state_dict(_with_prefix(state, "decoder."))
+        decoder.load_state_dict(decoder_state(state))
     except EncoderError as exc:
         raise CheckpointError(f"--checkpoint {uri}: {exc}") from exc
     except RuntimeError as exc:
@@ -118,6 +118,11 @@ def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> LoadedMo
     decoder.to(device).eval()
     return LoadedModel(encoder=encoder, decoder=decoder, vocab=vocab, config=config,
                        train_state=train_state, uri=uri)
+
+
+def decoder_state(state: dict) -> dict:
+    """The decoder's part of a ``model.pt`` state dict."""
+    return _with_prefix(state, "decoder.")
 
 
 def _with_prefix(state: dict, prefix: str) -> dict:

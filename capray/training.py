@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from capray import storage
-from capray.checkpoint import model_state, read_state, write_checkpoint
-from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, OPTIMIZER_FILE, TOKENS, TRAIN_STATE_FILE,
-                            VOCAB_FILE)
+from capray.checkpoint import decoder_state, model_state, read_state, write_checkpoint
+from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, MODEL_FILE, OPTIMIZER_FILE, TOKENS,
+                            TRAIN_STATE_FILE, VOCAB_FILE)
 from capray.metrics import score_captions
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
@@ -260,8 +260,7 @@ def train_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_state(os.path.join(directory, "model.pt"))
-            decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
+            decoder.load_state_dict(decoder_state(read_state(os.path.join(directory, MODEL_FILE))))
             extra = read_state(os.path.join(directory, OPTIMIZER_FILE))
             optimizer.load_state_dict(extra["optimizer"])
             if scaler is not None and "scaler" in extra:
