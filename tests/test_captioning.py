@@ -1,0 +1,410 @@
+"""capray.captioning: bulk captioning with Ray Data — one row per image, resumable, fails fast on bad config.
+
+Real components: moto's S3 server, one local Ray for the session (``ray_local``), a small checkpoint
+written here (resnet18 at 64 px, a tiny decoder over a few words).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from capray import storage
+from capray.captioning import (CaptionConfig, CaptionSummary, caption, print_summary, read_and_decode,
+                               _write_parquet)
+from capray.checkpoint import model_state, write_checkpoint
+from capray.encoders import EncoderSpec, build_encoder
+from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
+from capray.model import Decoder, DecoderConfig
+from capray.vocab import SPECIALS, Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+WORDS = ["a", "red", "blue", "circle", "square", "left", "of"]
+
+
+# --- a small checkpoint and images of every kind ------------------------------------------------------
+
+def write_small_checkpoint(directory: str, *, hidden_dim: int = 32) -> None:
+    """resnet18 (random, 64 px) + a tiny GRU decoder that never emits a special token first."""
+    encoder = build_encoder(EncoderSpec("resnet18", "none", SIZE))
+    vocab = Vocabulary(list(SPECIALS) + WORDS)
+    config = DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.num_features, embed_dim=16,
+                           hidden_dim=hidden_dim, projection_dim=16, attention_dim=16)
+    torch.manual_seed(0)
+    decoder = Decoder(config)
+    with torch.no_grad():  # words only: every caption is non-empty (and max_length long)
+        decoder.out.bias[: len(SPECIALS)] = -1e4
+    write_checkpoint(directory, state=model_state(encoder_state=encoder.state_dict(),
+                                                  decoder_state=decoder.state_dict()),
+                     config={"encoder": encoder.spec.to_dict(), "decoder": config.to_dict()}, vocab=vocab,
+                     train_state={"epoch": 1})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    directory = str(tmp_path_factory.mktemp("checkpoint"))
+    write_small_checkpoint(directory)
+    return directory
+
+
+def _rgb(width: int = SIZE, height: int = SIZE, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def decompression_bomb() -> bytes:
+    """A valid-looking 40000×40000 PNG of a few hundred bytes."""
+    header = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _png_chunk(b"IEND", b""))
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 48×32 JPEG whose EXIF orientation (6) says: show it rotated by 90°, i.e. 32 wide, 48 high."""
+    image = Image.fromarray(_rgb(48, 32, seed=7))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(image, "JPEG", exif=exif.tobytes())
+
+
+def odd_images() -> dict[str, bytes]:
+    """Unusual but valid images: each must be captioned normally."""
+    rgb = _rgb()
+    grey16 = (np.random.default_rng(3).integers(0, 65536, (SIZE, SIZE))).astype(np.uint16)
+    return {
+        "odd/cmyk.jpg": _encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "odd/grey.png": _encode(Image.fromarray(rgb).convert("L"), "PNG"),
+        "odd/palette.png": _encode(Image.fromarray(rgb).convert("P"), "PNG"),
+        "odd/rgba.png": _encode(Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "PNG"),
+        "odd/sixteen-bit.png": _encode(Image.fromarray(grey16), "PNG"),
+        "odd/rotated.jpg": exif_rotated_jpeg(),
+    }
+
+
+def broken_images() -> dict[str, bytes]:
+    """Objects with an image extension that are not usable images: each must become an error row."""
+    jpeg = _encode(Image.fromarray(_rgb(seed=5)), "JPEG", quality=95)
+    return {
+        "broken/empty.jpg": b"",
+        "broken/truncated.jpg": jpeg[: len(jpeg) // 2],
+        "broken/not-an-image.png": b"this is plain text, not a PNG\n" * 10,
+        "broken/bomb.png": decompression_bomb(),
+    }
+
+
+def plain_images() -> dict[str, bytes]:
+    """Ordinary images under nested folders, with spaces and non-ASCII in their keys."""
+    return {
+        "plain/cat 1.jpg": _encode(Image.fromarray(_rgb(80, 60, seed=1)), "JPEG"),
+        "plain/deeper/still deeper/dog.png": _encode(Image.fromarray(_rgb(seed=2)), "PNG"),
+        "plain/ünïcødé/画像 3.JPEG": _encode(Image.fromarray(_rgb(seed=4)), "JPEG"),
+        "plain/ünïcødé/upper.PNG": _encode(Image.fromarray(_rgb(seed=6)), "PNG"),
+        "plain/web.webp": _encode(Image.fromarray(_rgb(seed=8)), "WEBP"),
+    }
+
+
+IGNORED = {"plain/notes.txt": b"not an image", "plain/meta.json": b"{}", "plain/README": b"readme",
+           "odd/image.jpg.bak": b"backup"}
+
+
+def put_objects(bucket: str, prefix: str, objects: dict[str, bytes]) -> None:
+    client = boto3.client("s3")
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket.removeprefix("s3://"), Key=f"{prefix}/{key}", Body=data)
+
+
+def read_output(output: str) -> "pa.Table":
+    shards = [u for u in storage.list_files(output, extensions=("parquet",))
+              if storage.basename(u).startswith("part-") and "/_" not in u[len(output):]]
+    tables = []
+    for uri in shards:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f))
+    import pyarrow as pa
+
+    return pa.concat_tables(tables) if tables else CAPTION_SCHEMA.empty_table()
+
+
+def shard_names(output: str) -> list[str]:
+    return sorted(storage.basename(u) for u in storage.list_files(output, extensions=("parquet",))
+                  if storage.basename(u).startswith("part-") and "/_" not in u[len(output):])
+
+
+# --- unit tests: no Ray ------------------------------------------------------------------------------
+
+def test_from_flags_parses_extensions_case_insensitively():
+    config = CaptionConfig.from_flags(input="in", output="out", checkpoint="ck", extensions=" JPG,.png,,jpg ",
+                                      beam_size=2, batch_size=4, actors=0, gpus_per_actor=0.0, max_length=9,
+                                      overwrite=False)
+    assert config.extensions == ("jpg", "png")
+    assert (config.beam_size, config.batch_size, config.max_length) == (2, 4, 9)
+
+
+@pytest.mark.parametrize("bad", [{"beam_size": 0}, {"batch_size": 0}, {"max_length": 0}, {"actors": -1},
+                                 {"gpus_per_actor": -0.5}, {"extensions": ","}, {"input": ""},
+                                 {"rows_per_shard": 0}, {"fault": "explode"}])
+def test_config_rejects_bad_values(bad):
+    values = {"input": "in", "output": "out", "checkpoint": "ck", **bad}
+    with pytest.raises(ValueError):
+        CaptionConfig.from_flags(**values)
+
+
+def test_print_summary_is_one_table(capsys):
+    print_summary(CaptionSummary(total=10, ok=7, errors=1, skipped=2, wall_seconds=4.0, images_per_s=2.0,
+                                 output="s3://b/out", run_id="r", shards=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["images", "ok", "errors", "skipped", "wall", "s", "images/s"]
+    assert lines[1].split() == ["10", "7", "1", "2", "4.0", "2.0"]
+
+
+def test_read_and_decode_keeps_a_row_for_every_path(tmp_path):
+    objects = {**odd_images(), **broken_images()}
+    for key, data in objects.items():
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(data)
+    paths = [str(tmp_path / k) for k in objects] + [str(tmp_path / "missing.jpg")]
+    listing = str(tmp_path / "listing.parquet")
+    import pyarrow as pa
+
+    _write_parquet(listing, pa.table({"path": paths}), row_group_size=4)
+    groups = list(range(pq.ParquetFile(listing).num_row_groups))
+    out = read_and_decode({"listing": np.array([listing] * len(groups), dtype=object), "group": np.array(groups)},
+                          image_size=SIZE)
+    assert list(out["path"]) == paths
+    assert out["image"].shape == (len(paths), SIZE, SIZE, 3) and out["image"].dtype == np.uint8
+    failed = {storage.basename(p) for p, e in zip(out["path"], out["error"]) if e}
+    assert failed == {"empty.jpg", "truncated.jpg", "not-an-image.png", "bomb.png", "missing.jpg"}
+    rotated = list(out["path"]).index(str(tmp_path / "odd/rotated.jpg"))
+    assert (out["width"][rotated], out["height"][rotated]) == (32, 48)
+
+
+def test_resuming_with_other_settings_fails_fast(tmp_path, checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(plain_images()["plain/deeper/still deeper/dog.png"])
+    output = tmp_path / "out"
+    import pyarrow as pa
+
+    schema = CAPTION_SCHEMA.with_metadata({b"capray.checkpoint": b"/elsewhere", b"capray.beam_size": b"3",
+                                           b"capray.max_length": b"20", b"capray.encoder": b"{}"})
+    _write_parquet(str(output / "part-20260101T000000-abcdef-000000.parquet"), schema.empty_table())
+    with pytest.raises(ValueError, match="--overwrite"):
+        caption(CaptionConfig(input=str(images), output=str(output), checkpoint=checkpoint))
+
+
+# --- integration: local Ray, moto S3 --------------------------------------------------------------------
+
+def test_s3_prefix_one_row_per_image_then_resume_then_overwrite(ray_local, s3_bucket, checkpoint):
+    good = {**plain_images(), **odd_images()}
+    broken = broken_images()
+    put_objects(s3_bucket, "in", {**good, **broken, **IGNORED})
+    ckpt = f"{s3_bucket}/models/ck"
+    for name in os.listdir(checkpoint):
+        storage.write_bytes(storage.join(ckpt, name), Path(checkpoint, name).read_bytes())
+    output = f"{s3_bucket}/captions"
+    config = CaptionConfig(input=f"{s3_bucket}/in", output=output, checkpoint=ckpt, batch_size=4, max_length=4,
+                           beam_size=2, rows_per_shard=6)
+
+    summary = caption(config)
+
+    expected = {f"{s3_bucket}/in/{k}" for k in {**good, **broken}}
+    table = read_output(output)
+    assert table.schema.remove_metadata() == CAPTION_SCHEMA
+    rows = table.to_pylist()
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == len(expected) and set(paths) == expected
+    errors = {r["path"] for r in rows if r["error"] is not None}
+    assert errors == {f"{s3_bucket}/in/{k}" for k in broken}
+    for r in rows:
+        if r["error"] is None:
+            assert r["caption"] and set(r["caption"].split()) <= set(WORDS)
+            assert len(r["caption"].split()) == 4 and r["score"] <= 0 and r["width"] > 0 and r["height"] > 0
+        else:
+            assert r["caption"] is None and r["score"] is None and r["width"] is None
+    by_path = {r["path"]: r for r in rows}
+    assert (by_path[f"{s3_bucket}/in/odd/rotated.jpg"]["width"], by_path[f"{s3_bucket}/in/odd/rotated.jpg"]["height"]) == (32, 48)
+    assert (by_path[f"{s3_bucket}/in/plain/cat 1.jpg"]["width"], by_path[f"{s3_bucket}/in/plain/cat 1.jpg"]["height"]) == (80, 60)
+    metadata = table.schema.metadata
+    assert metadata[b"capray.checkpoint"].decode() == ckpt and metadata[b"capray.beam_size"] == b"2"
+    assert metadata[b"capray.max_length"] == b"4"
+    assert json.loads(metadata[b"capray.encoder"])["name"] == "resnet18"
+    assert (summary.total, summary.ok, summary.errors, summary.skipped) == (len(expected), len(good), len(broken), 0)
+    written = storage.read_json(storage.join(output, SUMMARY_FILE))
+    assert (written["total"], written["ok"], written["errors"], written["skipped"]) == (len(expected), len(good), len(broken), 0)
+    assert written["wall_seconds"] > 0 and written["images_per_s"] > 0
+    assert not storage.exists(storage.join(output, "_listing"))
+    shards = shard_names(output)
+
+    again = caption(config)  # everything is there: nothing to do
+
+    assert (again.total, again.ok, again.errors, again.skipped) == (len(expected), 0, 0, len(expected))
+    assert shard_names(output) == shards
+    assert storage.read_json(storage.join(output, SUMMARY_FILE))["skipped"] == len(expected)
+
+    fresh = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
+
+    assert (fresh.ok, fresh.errors, fresh.skipped) == (len(good), len(broken), 0)
+    assert not set(shard_names(output)) & set(shards)
+    assert sorted(read_output(output).column("path").to_pylist()) == sorted(expected)
+
+
+def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkpoint):
+    """A manifest input; the captioner exits hard mid-run, Ray restarts it and retries its task."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"img-{i:02d}.png" for i in range(24)]
+    for i, name in enumerate(names):
+        Image.fromarray(_rgb(seed=i)).save(images / name)
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [{"image": f"images/{n}", "captions": []} for n in names] + [{"image": "images/gone.jpg"}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    marker = tmp_path / "crashed"
+
+    summary = caption(CaptionConfig(input=str(manifest), output=str(tmp_path / "out"), checkpoint=checkpoint,
+                                    batch_size=4, max_length=3, rows_per_shard=8,
+                                    fault=f"crash-after:3:{marker}"))
+
+    assert marker.exists()  # the captioner did die
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted([str(images / n) for n in names] + [str(images / "gone.jpg")])
+    assert [r["path"] for r in rows if r["error"]] == [str(images / "gone.jpg")]
+    assert (summary.ok, summary.errors, summary.skipped) == (24, 1, 0)
+
+
+@pytest.fixture
+def job_env():
+    """The environment of a job run as a subprocess: its own local Ray in a short temporary folder."""
+    ray_dir = tempfile.mkdtemp(prefix="capray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60", "RAY_TMPDIR": ray_dir,
+                "CAPRAY_LOG_LEVEL": "WARNING"})
+    yield env
+    shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL the processes whose command line mentions ``text`` (the killed job's own Ray)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, checkpoint, tmp_path, job_env):
+    names = [f"batch/img {i:02d}.jpg" for i in range(30)]
+    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
+    output = tmp_path / "out"
+    script = ("import sys; from capray.captioning import CaptionConfig, caption; "
+              "caption(CaptionConfig(input=sys.argv[1], output=sys.argv[2], checkpoint=sys.argv[3], batch_size=2, "
+              "max_length=3, rows_per_shard=2, fault='sleep:0.3'))")
+    env = job_env
+    job = subprocess.Popen([sys.executable, "-c", script, f"{s3_bucket}/in", str(output), checkpoint],
+                           env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and job.poll() is None and len(shard_names(str(output))) < 2:
+            time.sleep(0.2)
+        assert job.poll() is None, f"the job ended before it was killed: {job.stderr.read().decode()[-2000:]}"
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+        _kill_processes_mentioning(env["RAY_TMPDIR"])
+    before = read_output(str(output)).column("path").to_pylist()
+    assert 2 <= len(before) < len(names), job.stderr.read().decode()[-2000:]  # killed mid-run
+    assert not (output / SUMMARY_FILE).exists()
+    # What a kill can leave on a local disk: a temporary file, and a shard that is not whole.
+    (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").write_bytes(b"PAR1 half")
+    (output / "part-20260101T000000-abcdef-000009.parquet").write_bytes(b"PAR1 half a shard")
+
+    summary = caption(CaptionConfig(input=f"{s3_bucket}/in", output=str(output), checkpoint=checkpoint,
+                                    batch_size=2, max_length=3, rows_per_shard=2))
+
+    paths = read_output(str(output)).column("path").to_pylist()
+    assert sorted(paths) == sorted(f"{s3_bucket}/in/{n}" for n in names)
+    assert (summary.skipped, summary.ok + summary.errors) == (len(set(before)), len(names) - len(set(before)))
+    assert not (output / "part-20260101T000000-abcdef-000009.parquet").exists()
+    assert not (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").exists()
+
+
+# --- bad configuration: exit 2, one line on stderr, before Ray starts -----------------------------------
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory, checkpoint) -> dict[str, str]:
+    base, good = tmp_path_factory.mktemp("bad-checkpoints"), checkpoint
+    garbage = base / "garbage"
+    garbage.mkdir()
+    for name in os.listdir(good):
+        (garbage / name).write_bytes(Path(good, name).read_bytes())
+    (garbage / MODEL_FILE).write_bytes(b"this is not a state dict")
+    misfit = base / "misfit"
+    write_small_checkpoint(str(misfit), hidden_dim=32)
+    config = json.loads((misfit / CONFIG_FILE).read_text())
+    config["decoder"]["hidden_dim"] = 48  # the weights were saved for 32
+    (misfit / CONFIG_FILE).write_text(json.dumps(config))
+    return {"garbage": str(garbage), "misfit": str(misfit), "missing": str(base / "nowhere")}
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "empty prefix", "only non-images", "missing checkpoint",
+                                  "garbage model.pt", "config does not fit"])
+def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, bad_checkpoints, job_env):
+    put_objects(s3_bucket, "docs", IGNORED)
+    put_objects(s3_bucket, "in", {"a.png": plain_images()["plain/deeper/still deeper/dog.png"]})
+    checkpoints = bad_checkpoints
+    flags = {"--input": f"{s3_bucket}/in", "--output": f"{s3_bucket}/out", "--checkpoint": checkpoint}
+    flags.update({
+        "missing bucket": {"--input": "s3://no-such-bucket-capray/in"},
+        "empty prefix": {"--input": f"{s3_bucket}/nothing-here"},
+        "only non-images": {"--input": f"{s3_bucket}/docs"},
+        "missing checkpoint": {"--checkpoint": checkpoints["missing"]},
+        "garbage model.pt": {"--checkpoint": checkpoints["garbage"]},
+        "config does not fit": {"--checkpoint": checkpoints["misfit"]},
+    }[case])
+    env = job_env
+    env.pop("CAPRAY_LOG_LEVEL")  # the default (INFO) must not add lines before the error
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "caption.py"),
+                             *[x for kv in flags.items() for x in kv]],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capray caption: error: "), result.stderr
+    assert not os.listdir(env["RAY_TMPDIR"]), "Ray was started"
+    assert time.monotonic() - started < 60
