@@ -82,9 +82,10 @@ class Attention(nn.Module):
         return self.w_regions(regions)  # (B, P, A)
 
     def forward(self, keys: torch.Tensor, regions: torch.Tensor, hidden: torch.Tensor):
-        scores = self.v(torch.tanh(keys + self.w_hidden(hidden).unsqueeze(1))).squeeze(2)  # (B, P)
+        # The (B, P, A) sum is the largest tensor of a decoding step: tanh in place saves a pass over it.
+        scores = self.v((keys + self.w_hidden(hidden).unsqueeze(1)).tanh_()).squeeze(2)  # (B, P)
         alpha = scores.softmax(dim=1)  # (B, P)
-        context = (alpha.unsqueeze(2) * regions).sum(dim=1)  # (B, R)
+        context = torch.bmm(alpha.unsqueeze(1), regions).squeeze(1)  # (B, R)
         return context, alpha
 
 
