@@ -19,8 +19,14 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True, configure_logging=False,
-             **({"include_dashboard": False} if address == "local" else {}))
+    local = {}
+    if address == "local":
+        # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
+        # small machine, where an actor holds one of them, every new task then starts a fresh Python
+        # (about a CPU-second each, stolen from the model). Keep a few more.
+        local = {"include_dashboard": False,
+                 "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
+    ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     log.info("Ray: %s (%s CPUs, %s GPUs)", "local" if address == "local" else address,
              ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
 
