@@ -478,6 +478,20 @@ class Captioner:
 
     def __init__(self, checkpoint: str, *, beam_size: int, max_length: int, threads: int, use_gpu: bool,
                  warmup_batch: int = 0, fault: str = ""):
+        # All torch work runs on one thread this actor owns. torch's CPU thread pool (OpenMP) belongs
+        # to the thread that uses it, and Ray Data calls an actor's UDF from a worker thread of its own,
+        # not the thread that ran __init__: a model loaded on one thread and run on another had two
+        # pools on the same cores and captioned ~30% slower here (bench/caption_throughput.py).
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capray-model")
+        self._model_thread.submit(self._load, checkpoint, threads=threads, use_gpu=use_gpu).result()
+        self.beam_size, self.max_length = beam_size, max_length
+        self.fault = _parse_fault(fault)
+        self.batches = 0
+        if warmup_batch:  # kernels are picked per shape on the first call: pay that before the first real batch
+            size = self.encoder.spec.image_size
+            self.caption(np.zeros((warmup_batch, size, size, 3), dtype=np.uint8))
+
+    def _load(self, checkpoint: str, *, threads: int, use_gpu: bool) -> None:
         import torch
 
         from capray.checkpoint import load_checkpoint
@@ -490,12 +504,6 @@ class Captioner:
         if use_gpu:  # channels-last convolutions and half precision: the tensor cores' fast path
             self.encoder.to(memory_format=torch.channels_last)
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.beam_size, self.max_length = beam_size, max_length
-        self.fault = _parse_fault(fault)
-        self.batches = 0
-        if warmup_batch:  # kernels are picked per shape on the first call: pay that before the first real batch
-            size = self.encoder.spec.image_size
-            self.caption(np.zeros((warmup_batch, size, size, 3), dtype=np.uint8))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.batches += 1
@@ -521,6 +529,9 @@ class Captioner:
 
     def caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         """uint8 (B, H, W, 3) → B captions and their mean log-probability per token."""
+        return self._model_thread.submit(self._caption, images).result()
+
+    def _caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         import torch
 
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
