@@ -43,7 +43,7 @@ from ray.data.block import BlockAccessor
 from capray import storage
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
-from capray.runtime import ActorPlan, plan_actors
+from capray.runtime import ActorPlan, ModelThread, plan_actors
 
 log = logging.getLogger(__name__)
 
@@ -478,12 +478,8 @@ class Captioner:
 
     def __init__(self, checkpoint: str, *, beam_size: int, max_length: int, threads: int, use_gpu: bool,
                  warmup_batch: int = 0, fault: str = ""):
-        # All torch work runs on one thread this actor owns. torch's CPU thread pool (OpenMP) belongs
-        # to the thread that uses it, and Ray Data calls an actor's UDF from a worker thread of its own,
-        # not the thread that ran __init__: a model loaded on one thread and run on another had two
-        # pools on the same cores and captioned ~30% slower here (bench/caption_throughput.py).
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capray-model")
-        self._model_thread.submit(self._load, checkpoint, threads=threads, use_gpu=use_gpu).result()
+        self._model_thread = ModelThread()
+        self._model_thread.run(self._load, checkpoint, threads=threads, use_gpu=use_gpu)
         self.beam_size, self.max_length = beam_size, max_length
         self.fault = _parse_fault(fault)
         self.batches = 0
@@ -529,7 +525,7 @@ class Captioner:
 
     def caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         """uint8 (B, H, W, 3) → B captions and their mean log-probability per token."""
-        return self._model_thread.submit(self._caption, images).result()
+        return self._model_thread.run(self._caption, images)
 
     def _caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         import torch

@@ -24,7 +24,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
-from capray.runtime import cluster_cpus, cluster_gpus, ensure_ray, plan_actors
+from capray.runtime import ModelThread, cluster_cpus, cluster_gpus, ensure_ray, plan_actors
 from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,10 @@ class Encoder:
     """Ray Data actor: loads the encoder once, turns batches of decoded images into fp16 features."""
 
     def __init__(self, spec: dict, *, use_gpu: bool, threads: int):
+        self._model_thread = ModelThread()
+        self._model_thread.run(self._load, spec, use_gpu=use_gpu, threads=threads)
+
+    def _load(self, spec: dict, *, use_gpu: bool, threads: int) -> None:
         if not use_gpu:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -89,8 +93,11 @@ class Encoder:
         if use_gpu:
             self.encoder.to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._model_thread.run(self._encode, batch)
+
+    @torch.inference_mode()
+    def _encode(self, batch: pa.Table) -> pa.Table:
         pixels = batch[PIXELS].combine_chunks().to_numpy_ndarray()  # (B, H, W, 3) uint8, zero-copy
         images = torch.from_numpy(np.array(pixels)).to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
