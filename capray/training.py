@@ -27,6 +27,9 @@ from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
+FAULT_HANG_SECONDS = 5.0
+"""How long an injected fault (tests only) hangs before the worker exits: over two controller polls."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -338,6 +341,11 @@ def _fault_hook(fault: tuple[int, int], rank: int, marker: str):
         if rank == fault_rank and step == fault_step and not storage.exists(marker):
             storage.write_text(marker, f"worker {rank} exited at step {step}\n")
             log.warning("injected fault: worker %d exits at step %d", rank, step)
+            # Ray Train's controller collects reported checkpoints by polling the workers (every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A group that fails before the poll
+            # after a report loses that report and restarts from the checkpoint before it. Hang long
+            # enough for that poll first, so a test knows which checkpoint the restart must use.
+            time.sleep(FAULT_HANG_SECONDS)
             os._exit(1)
 
     return hook

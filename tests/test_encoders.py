@@ -103,7 +103,9 @@ def test_batch_elements_are_encoded_independently():
     enc = encoder(SHAPES[0][0])
     x = images(3, 128)
     with torch.no_grad():
-        torch.testing.assert_close(enc(x)[1:2], enc(x[1:2]), rtol=1e-4, atol=1e-5)
+        # Convolution kernels chosen per batch size differ in the last bits (1e-5 seen here); an image
+        # that leaked into another would differ by the features' own scale (~1).
+        torch.testing.assert_close(enc(x)[1:2], enc(x[1:2]), rtol=1e-3, atol=1e-4)
 
 
 # --- spec ------------------------------------------------------------------------------------------

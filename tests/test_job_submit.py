@@ -86,16 +86,24 @@ def test_caption_job_runs_through_ray_job_submit(tmp_path):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "240"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-                            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                            # The agent's HTTP port, which job submission goes through, is fixed (52365)
+                            # by default: taken when the test session's own Ray is running.
+                            f"--dashboard-agent-listen-port={_free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
-        job = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
-             "python", "jobs/caption.py", "--input", str(images), "--output", str(output),
-             "--checkpoint", str(tmp_path / "checkpoint"), "--actors", "1", "--batch-size", "2"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
+                  "python", "jobs/caption.py", "--input", str(images), "--output", str(output),
+                  "--checkpoint", str(tmp_path / "checkpoint"), "--actors", "1", "--batch-size", "2"]
+        # Right after `ray start` the job server may answer before the node's agent has registered
+        # ("No available agent to submit job"); nothing was submitted then, so trying again is safe.
+        deadline = time.monotonic() + 120
+        while True:
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
         assert "succeeded" in job.stdout.lower()
     finally:
