@@ -10,7 +10,6 @@ same total number of threads as the actor pool.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from capray import storage
 from capray.encoders import EncoderSpec, build_encoder
 from capray.features import PrepareConfig, prepare
 from capray.images import decode_image
@@ -91,9 +91,7 @@ def main() -> None:
     print(f"{'prepare, steady state (2N − N)':<50}{steady:>10.1f}")
     print(f"{'ratio steady / forward-only':<50}{steady / limit:>10.3f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ over the epochs after the first, so Ray Train's start-up and the first epoch's w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -57,9 +56,7 @@ def main() -> None:
     print(f"{2:<10}{rates[2]:>12.1f}")
     print(f"scaling ratio (2 workers / 1): {rates[2] / rates[1]:.2f}  (ideal 2.00)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(args.json, results)
 
 
 if __name__ == "__main__":

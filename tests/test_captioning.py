@@ -20,6 +20,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -139,7 +140,7 @@ def put_objects(bucket: str, prefix: str, objects: dict[str, bytes]) -> None:
         client.put_object(Bucket=bucket.removeprefix("s3://"), Key=f"{prefix}/{key}", Body=data)
 
 
-def read_output(output: str) -> "pa.Table":
+def read_output(output: str) -> pa.Table:
     shards = [u for u in storage.list_files(output, extensions=("parquet",))
               if storage.basename(u).startswith("part-") and "/_" not in u[len(output):]]
     tables = []
@@ -147,7 +148,6 @@ def read_output(output: str) -> "pa.Table":
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             tables.append(pq.read_table(f))
-    import pyarrow as pa
 
     return pa.concat_tables(tables) if tables else CAPTION_SCHEMA.empty_table()
 
@@ -191,7 +191,6 @@ def test_read_and_decode_keeps_a_row_for_every_path(tmp_path):
         (tmp_path / key).write_bytes(data)
     paths = [str(tmp_path / k) for k in objects] + [str(tmp_path / "missing.jpg")]
     listing = str(tmp_path / "listing.parquet")
-    import pyarrow as pa
 
     _write_parquet(listing, pa.table({"path": paths}), row_group_size=4)
     groups = list(range(pq.ParquetFile(listing).num_row_groups))
@@ -210,7 +209,6 @@ def test_resuming_with_other_settings_fails_fast(tmp_path, checkpoint):
     images.mkdir()
     (images / "a.png").write_bytes(plain_images()["plain/deeper/still deeper/dog.png"])
     output = tmp_path / "out"
-    import pyarrow as pa
 
     schema = CAPTION_SCHEMA.with_metadata({b"capray.checkpoint": b"/elsewhere", b"capray.beam_size": b"3",
                                            b"capray.max_length": b"20", b"capray.encoder": b"{}"})
