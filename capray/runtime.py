@@ -25,7 +25,9 @@ def ensure_ray() -> None:
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
         # (about a CPU-second each, stolen from the model). Keep a few more.
-        local = {"include_dashboard": False,
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls (without
+        # it, a warning a second); it costs ~3% of one core when idle, and shows progress on :8265.
+        local = {"include_dashboard": True,
                  "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
     ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     log.info("Ray: %s (%s CPUs, %s GPUs)", "local" if address == "local" else address,

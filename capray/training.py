@@ -243,8 +243,7 @@ def train_worker(loop_config: dict) -> None:
     if not logging.getLogger().handlers:  # a fresh worker process: progress lines go to the driver's log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
-    # Ray Train logs every report and checkpoint at INFO; our epoch line says the same in one line.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_logs()
     vocab = Vocabulary(loop_config["vocab"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -313,6 +312,18 @@ def train_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; our epoch line says the same in one line.
+
+    Some of its modules name their logger by file path rather than by module, hence the second loop.
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    marker = os.path.join("ray", "train", "")
+    for name in list(logging.root.manager.loggerDict):
+        if marker in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _gather(value, world: int) -> list:
