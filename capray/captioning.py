@@ -358,17 +358,7 @@ def _write_parquet(uri: str, table: pa.Table, *, row_group_size: int | None = No
     """Write a whole Parquet file so that it appears complete or not at all."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
-    data = sink.getvalue()
-    fs, path = storage.resolve(uri)
-    if storage.is_remote(uri):  # an S3 object appears only when its upload completes
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 # ---------------------------------------------------------------------------------------------------

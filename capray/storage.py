@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import posixpath
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,10 +116,15 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri``; local files are written to a temporary name and renamed."""
+    """Write ``data`` to ``uri`` so that it appears whole or not at all.
+
+    An S3 object appears when its upload completes. A local file is written under a hidden temporary
+    name, ``.NAME.tmp-XXXXXXXX`` (which dataset readers skip, like every dot file), and renamed.
+    """
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
-    target = path if is_remote(uri) else f"{path}.tmp-{os.getpid()}"
+    target = path if is_remote(uri) else os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     with fs.open_output_stream(target) as f:
         f.write(data)
     if target != path:
