@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
-        ensure_ray()
+        ensure_ray(dashboard=True)
         features = args.features
         if not features:
             manifest = generate(os.path.join(tmp, "shapes"), SynthConfig(num_images=args.num_images, image_size=128))

@@ -68,7 +68,7 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
                                                      image_size=preset.image_size))
     times["synth"] = time.perf_counter() - t
 
-    ensure_ray()
+    ensure_ray(dashboard=True)  # the demo trains: see ensure_ray
     t = stage("2/6 prepare: EfficientNet-Lite0 (ImageNet weights) features, 2 encoder actors")
     prepared = prepare(PrepareConfig(annotations=manifest, out=paths["features"], encoder=demo_encoder(preset),
                                      actors=2, batch_size=64))

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+def ensure_ray(*, dashboard: bool = False) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
+
+    ``dashboard``: whether a local Ray runs its dashboard. Training wants it: the dashboard serves the
+    State API, which Ray Train's placement-group cleaner polls (without it, a warning a second). It
+    costs memory and ~0.1 of a core while busy, which captioning on a small machine feels (its
+    throughput fell from 0.95 to 0.89 of the model's on 2 cores), so the other jobs go without.
+    """
     import ray
 
     if ray.is_initialized():
@@ -25,9 +31,7 @@ def ensure_ray() -> None:
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
         # (about a CPU-second each, stolen from the model). Keep a few more.
-        # The dashboard serves the State API, which Ray Train's placement-group cleaner polls (without
-        # it, a warning a second); it costs ~3% of one core when idle, and shows progress on :8265.
-        local = {"include_dashboard": True,
+        local = {"include_dashboard": dashboard,
                  "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
     ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
     log.info("Ray: %s (%s CPUs, %s GPUs)", "local" if address == "local" else address,

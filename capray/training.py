@@ -413,7 +413,7 @@ def train(config: TrainConfig) -> dict:
             return _summary(run_dir, config, latest, resumed=True, checkpoint=None, started=started)
         log.info("resuming run %s from epoch %d (%d checkpoint(s) in %s); training continues up to epoch %d",
                  config.name, latest["epoch"] + 1, len(previous), run_dir, config.epochs)
-    ensure_ray()
+    ensure_ray(dashboard=True)
     train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
     val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
     if _fits_in_object_store(info):
