@@ -119,7 +119,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` so that it appears whole or not at all.
 
     An S3 object appears when its upload completes. A local file is written under a hidden temporary
-    name, ``.NAME.tmp-XXXXXXXX`` (which dataset readers skip, like every dot file), and renamed.
+    name, ``.NAME.tmp-<8 hex digits>`` (which dataset readers skip, like every dot file), and renamed.
     """
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
