@@ -1,24 +1,79 @@
 """One storage layer for every location: local paths and ``s3://`` URIs look the same.
 
-Everything goes through pyarrow's filesystems. ``FileSystem.from_uri`` honours the AWS way of
-configuring S3 (``AWS_ENDPOINT_URL``, keys, region, instance profiles), so the same URIs work here,
-in Ray Data and in Ray Train's ``storage_path``.
+Reads, writes and metadata go through pyarrow's filesystems; S3 listings go through boto3's
+ListObjectsV2 paginator, page by page, and local listings through ``os.scandir``, so a prefix of
+millions of objects is never held in memory. S3 is configured the AWS way only
+(``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, keys, ``AWS_DEFAULT_REGION``/``AWS_REGION``,
+instance profiles), as ``FileSystem.from_uri`` reads it, so the same URIs work here, in Ray Data
+and in Ray Train's ``storage_path``.
+
+Errors, the rule: an ``OSError`` or S3 error out of this module is one of two kinds.
+
+- ``TransientStorageError`` (an ``OSError``, not a ``ValueError``): what running the same command
+  again can fix. Throttling (503 SlowDown, 429), 5xx answers, timeouts, refused or reset
+  connections, after the S3 clients' own retries (``S3_MAX_ATTEMPTS``) have given up.
+- ``StorageError`` (a ``ValueError``: the command line exits 2, "fix it"): everything else. A
+  missing object or file ("no such file"), a missing bucket, access denied, bad credentials, a local
+  path that is not a folder, invalid JSON.
+
+Retries happen inside the S3 clients (both SDKs' "standard" mode: exponential backoff with jitter),
+never in loops here. One gap, in the AWS C++ SDK under pyarrow: a GET of a range shorter than S3's
+XML error document (~250 bytes: a tiny object, or the last bytes of one) answered with an error
+overflows the SDK's preallocated buffer, surfaces as ``INTERNAL_FAILURE ... Failed to flush response
+stream`` and is not retried; it is classed transient.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import os
 import posixpath
+import re
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
+
+S3_MAX_ATTEMPTS = 10
+"""Attempts per S3 request, pyarrow and boto3 alike, before an error reaches the caller. Both SDKs'
+"standard" mode wait a random time of up to 1, 2, 4, ... s (at most 20 s) before each retry, so 10
+attempts ride out about a minute of throttling (measured here: a GET answered 503 every time gives
+up after 77 s), while a store that stays down still ends a run in minutes, not hours."""
+LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request: S3's maximum, so 1M objects are 1,000 requests
+LIST_PROGRESS_S = 5.0  # a listing that runs longer than this logs its progress this often (seconds)
+
+TRANSIENT_AWS_ERRORS = frozenset({
+    "SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "NETWORK_CONNECTION",
+    "REQUEST_TIMEOUT"})
+"""Error types in pyarrow's S3 messages ("AWS Error SLOW_DOWN during GetObject operation: ...")
+that another attempt can fix."""
+TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "BandwidthLimitExceeded", "PriorRequestNotComplete"})
+"""S3 error codes (boto3's ``ClientError``) that another attempt can fix; any 5xx or 429 is too."""
+TRANSIENT_ERRNOS = frozenset({
+    errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE})
+"""Local (network filesystem) errors that another attempt can fix."""
+_AWS_ERROR = re.compile(r"AWS Error (\w+|\[code \d+\])(?: \(HTTP status (\d+)\))?")
+
 
 class StorageError(ValueError):
-    """A location that cannot be used (missing bucket, unreadable file, ...)."""
+    """A location that cannot be used as it is (missing bucket or file, access denied, invalid JSON):
+    running the same command again will not help."""
+
+
+class TransientStorageError(OSError):
+    """The store failed for now (throttled, unreachable, 5xx) even after the client's retries:
+    running the same command again can succeed."""
 
 
 def is_remote(uri: str) -> bool:
@@ -33,23 +88,64 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         uri = uri[len("file://"):]
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    # The filesystem comes from scheme://bucket only: keys are taken as they are (spaces, '#', '%',
-    # non-ASCII), never parsed as URL syntax.
+    bucket, key = _bucket_and_key(uri)
+    return _remote_filesystem(bucket, _s3_endpoint(), S3_MAX_ATTEMPTS), f"{bucket}/{key}" if key else bucket
+
+
+def _bucket_and_key(uri: str) -> tuple[str, str]:
+    """(bucket, key without trailing slashes) of an ``s3://`` URI.
+
+    Keys are taken as they are (spaces, '#', '%', non-ASCII), never parsed as URL syntax.
+    """
     scheme, rest = uri.split("://", 1)
-    bucket = rest.split("/", 1)[0]
+    bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket in the URI")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    return _remote_filesystem(scheme, bucket, endpoint), rest.rstrip("/") if rest != bucket else bucket
+    if scheme != "s3":
+        raise StorageError(f"{uri}: unsupported scheme {scheme}:// (locations are local paths or s3:// URIs)")
+    return bucket, key.rstrip("/")
+
+
+def _s3_endpoint() -> str:
+    """The endpoint the AWS variables name (the S3-specific one first, as pyarrow and boto3 read them)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
 @functools.lru_cache(maxsize=64)
-def _remote_filesystem(scheme: str, bucket: str, endpoint: str) -> pafs.FileSystem:
-    """One filesystem object per bucket (and endpoint), as ``FileSystem.from_uri`` configures it."""
+def _remote_filesystem(bucket: str, endpoint: str, max_attempts: int) -> pafs.S3FileSystem:
+    """One S3 filesystem per bucket, endpoint and attempt count: ``FileSystem.from_uri``'s, plus retries.
+
+    ``from_uri`` takes no retry strategy, and the bare constructor reads no endpoint variable, so this
+    does what ``from_uri`` does (pyarrow 26): the endpoint from the variables; without one, the
+    bucket's region resolved by a request to AWS; keys, session token, region and instance profiles
+    from the SDK's default chains. The endpoint is part of the cache key: changing
+    ``AWS_ENDPOINT_URL`` gives a new filesystem. An S3FileSystem's pickled form (pyarrow 26) carries no
+    retry strategy: resolve URIs in the process that uses them rather than shipping filesystems.
+    """
+    retries = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
     try:
-        return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with long messages
-        raise StorageError(f"cannot open {scheme}://{bucket}: {_first_line(exc)}") from exc
+        if endpoint:
+            return pafs.S3FileSystem(endpoint_override=endpoint, retry_strategy=retries)
+        return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=retries)
+    except OSError as exc:
+        raise _classified(f"cannot open s3://{bucket}", exc) from exc
+
+
+def _s3_client():
+    """A boto3 S3 client with the same retries and region as the pyarrow filesystems.
+
+    boto3 finds keys and instance profiles itself. The endpoint is passed (the one the filesystems
+    use, not one from ~/.aws/config that pyarrow would not see), and so is the region, in pyarrow's
+    order (``AWS_DEFAULT_REGION`` first, measured): boto3 alone ignores ``AWS_REGION``. A client per
+    listing: creating one takes ~80 ms, a listing seconds to minutes.
+    """
+    import boto3
+    from botocore.config import Config
+
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+    config = Config(retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS})  # first call included
+    return boto3.session.Session().client("s3", endpoint_url=_s3_endpoint() or None, region_name=region,
+                                          config=config)
 
 
 def normalize(uri: str) -> str:
@@ -101,7 +197,10 @@ def is_file(uri: str) -> bool:
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        raise _classified(f"cannot create {uri}", exc) from exc
 
 
 def read_bytes(uri: str) -> bytes:
@@ -112,7 +211,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: no such file") from exc
     except OSError as exc:
-        raise StorageError(f"cannot read {uri}: {_first_line(exc)}") from exc
+        raise _classified(f"cannot read {uri}", exc) from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -122,13 +221,16 @@ def write_bytes(uri: str, data: bytes) -> None:
     name, ``.NAME.tmp-<8 hex digits>`` (which dataset readers skip, like every dot file), and renamed.
     """
     fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
     target = path if is_remote(uri) else os.path.join(
         os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open_output_stream(target) as f:
-        f.write(data)
-    if target != path:
-        os.replace(target, path)
+    try:
+        fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
+        with fs.open_output_stream(target) as f:
+            f.write(data)
+        if target != path:
+            os.replace(target, path)
+    except OSError as exc:
+        raise _classified(f"cannot write {uri}", exc) from exc
 
 
 def read_text(uri: str) -> str:
@@ -151,39 +253,118 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def list_files(uri: str, *, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
-    """URIs of the files under ``uri`` (recursive), optionally kept by extension (lower-case, no dot).
+def list_files(uri: str, *, extensions: tuple[str, ...] | None = None,
+               page_size: int = LIST_PAGE_SIZE) -> Iterator[str]:
+    """URIs of the files under ``uri`` (recursive, in no set order), optionally kept by extension
+    (no dot needed, any case); a location that does not exist lists nothing.
 
-    A generator: a prefix of millions of objects is listed page by page, not held in memory.
+    A generator that never holds the listing: S3 is read one ListObjectsV2 page of ``page_size``
+    keys at a time (a key ending in "/" is a folder marker, not a file), a local folder one directory
+    entry at a time (symbolic links followed). A listing that runs long logs its progress every
+    ``LIST_PROGRESS_S`` seconds.
     """
-    fs, path = resolve(uri)
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    if not 1 <= page_size <= LIST_PAGE_SIZE:
+        raise ValueError(f"page_size must be 1..{LIST_PAGE_SIZE}, got {page_size}")
     wanted = tuple(f".{e.lower().lstrip('.')}" for e in extensions) if extensions else None
-    for info in fs.get_file_info(selector):
-        if info.type != pafs.FileType.File:
-            continue
-        if wanted and not info.path.lower().endswith(wanted):
-            continue
-        yield to_uri(fs, info.path)
+    found = _list_s3(uri, page_size) if is_remote(uri) else _list_local(resolve(uri)[1])
+    listed = kept = 0
+    started = reported = time.monotonic()
+    for file_uri in found:
+        listed += 1
+        if wanted is None or file_uri.lower().endswith(wanted):
+            kept += 1
+            yield file_uri
+        now = time.monotonic()
+        if now - reported >= LIST_PROGRESS_S:
+            reported = now
+            log.info("listing %s: %d objects listed so far, %d kept (%.0f objects/s)",
+                     uri, listed, kept, listed / max(now - started, 1e-9))
+    if reported > started:
+        elapsed = time.monotonic() - started
+        log.info("listing %s: done, %d objects listed, %d kept, in %.1f s (%.0f objects/s)",
+                 uri, listed, kept, elapsed, listed / max(elapsed, 1e-9))
+
+
+def _list_s3(uri: str, page_size: int) -> Iterator[str]:
+    """Object URIs under an S3 prefix, one ListObjectsV2 request per page, retried by the client."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_and_key(uri)
+    pages = iter(_s3_client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{key}/" if key else "", PaginationConfig={"PageSize": page_size}))
+    while True:
+        try:
+            page = next(pages)
+        except StopIteration:
+            return
+        except (BotoCoreError, ClientError) as exc:
+            raise _classified_boto(f"cannot list {uri}", exc) from exc
+        for item in page.get("Contents", ()):
+            if not item["Key"].endswith("/"):
+                yield f"s3://{bucket}/{item['Key']}"
+
+
+def _list_local(root: str) -> Iterator[str]:
+    """Paths of the files under the folder ``root``, depth first, following symbolic links as pyarrow's
+    listing did; a link back to a folder above it is not followed (it would never end)."""
+    try:
+        top = os.stat(root)
+    except FileNotFoundError:
+        return  # nothing under a folder that does not exist (pyarrow's allow_not_found)
+    except OSError as exc:
+        raise _classified(f"cannot list {root}", exc) from exc
+    if not stat.S_ISDIR(top.st_mode):
+        raise StorageError(f"{root}: not a folder")
+    pending = [(root, frozenset({(top.st_dev, top.st_ino)}))]  # folders to list, with their ancestors
+    while pending:
+        folder, above = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        yield entry.path
+                    elif entry.is_dir():
+                        try:
+                            info = entry.stat()
+                        except FileNotFoundError:
+                            continue  # deleted since the folder was read
+                        if (info.st_dev, info.st_ino) in above:
+                            log.warning("listing %s: not following %s, a link to a folder above it", root, entry.path)
+                        else:
+                            pending.append((entry.path, above | {(info.st_dev, info.st_ino)}))
+        except FileNotFoundError:
+            continue  # deleted since its parent was read: its files are gone too
+        except OSError as exc:
+            raise _classified(f"cannot list {folder}", exc) from exc
 
 
 def list_dirs(uri: str) -> list[str]:
     """URIs of the folders directly under ``uri`` (none if it does not exist)."""
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    return sorted(to_uri(fs, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+    try:
+        infos = fs.get_file_info(selector)
+    except OSError as exc:
+        raise _classified(f"cannot list {uri}", exc) from exc
+    return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if _info(fs, path, uri).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        try:
+            fs.delete_dir(path)
+        except OSError as exc:
+            raise _classified(f"cannot delete {uri}", exc) from exc
 
 
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
     if _info(fs, path, uri).type == pafs.FileType.File:
-        fs.delete_file(path)
+        try:
+            fs.delete_file(path)
+        except OSError as exc:
+            raise _classified(f"cannot delete {uri}", exc) from exc
 
 
 def check_bucket(uri: str) -> None:
@@ -200,7 +381,39 @@ def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise StorageError(f"cannot access {uri}: {_first_line(exc)}") from exc
+        raise _classified(f"cannot access {uri}", exc) from exc
+
+
+def _classified(what: str, exc: OSError) -> StorageError | TransientStorageError:
+    """The error to raise for an ``OSError`` from pyarrow or the OS, by the rule in the module docstring."""
+    match = _AWS_ERROR.search(str(exc))
+    if match:  # pyarrow's S3 errors carry the AWS SDK's error type (and, if unknown, the HTTP status)
+        status = int(match.group(2) or 0)
+        transient = match.group(1) in TRANSIENT_AWS_ERRORS or status >= 500 or status == 429
+    else:
+        transient = exc.errno in TRANSIENT_ERRNOS or isinstance(exc, (ConnectionError, TimeoutError))
+    return _error(what, exc, transient=transient)
+
+
+def _classified_boto(what: str, exc: Exception) -> StorageError | TransientStorageError:
+    """The error to raise for an exception out of boto3, by the rule in the module docstring."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, SSLError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        transient = code in TRANSIENT_S3_CODES or status >= 500 or status == 429
+    else:  # timeouts, resets, refused connections; a certificate problem will not go away by itself
+        transient = isinstance(exc, (HTTPClientError, BotoConnectionError, IncompleteReadError)) and \
+            not isinstance(exc, SSLError)
+    return _error(what, exc, transient=transient)
+
+
+def _error(what: str, exc: BaseException, *, transient: bool) -> StorageError | TransientStorageError:
+    if transient:
+        return TransientStorageError(f"{what}: {_first_line(exc)} (transient: running it again may succeed)")
+    return StorageError(f"{what}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:

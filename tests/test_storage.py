@@ -1,12 +1,17 @@
 """capray.storage: one layer for local folders and S3 (here moto's S3 server)."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import tracemalloc
 
+import boto3
 import pytest
+from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
 from capray import storage
-from capray.storage import StorageError
+from capray.storage import StorageError, TransientStorageError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -134,12 +139,6 @@ def test_list_files_of_a_missing_location_is_empty(root):
     assert list(storage.list_files(storage.join(root, "nothing", "here"))) == []
 
 
-def test_list_files_is_a_generator(root):
-    write_tree(root, TREE[:2])
-    files = storage.list_files(root)
-    assert iter(files) is files
-
-
 @pytest.mark.parametrize("name", ["with space.jpg", "dir with space/ü.jpg", "日本/写真 1.png", "crème.JPG"])
 def test_keys_with_spaces_and_non_ascii(root, name):
     uri = storage.join(root, name)
@@ -198,6 +197,185 @@ def test_delete_file(root):
 def test_makedirs_makes_a_listable_local_folder(tmp_path):
     storage.makedirs(str(tmp_path / "x" / "y"))
     assert storage.is_dir(str(tmp_path / "x" / "y"))
+
+
+BODY = bytes(range(256)) * 16  # 4 KB: larger than S3's error document (see the storage module docstring)
+
+
+def put(bucket_uri: str, key: str, data: bytes = BODY) -> str:
+    boto3.client("s3").put_object(Bucket=bucket_uri.removeprefix("s3://"), Key=key, Body=data)
+    return f"{bucket_uri}/{key}"
+
+
+# --- streaming listings ------------------------------------------------------------------------------
+
+LOCAL_FILES = 20_000  # a listing held in memory costs ~2 MB at this size (~90 bytes a path)
+
+
+def test_s3_listing_asks_for_one_page_at_a_time(s3_bucket, request):
+    # More objects than any client puts in one page (S3's maximum is 1,000), so that a listing held
+    # whole, even one that ignores page_size, needs a second request before its first item.
+    names = [f"root/k{i:04d}.jpg" for i in range(storage.LIST_PAGE_SIZE + 50)]
+    client, bucket = boto3.client("s3"), s3_bucket.removeprefix("s3://")
+    for key in [*names, "root/folder-marker/"]:  # straight to moto, not through the proxy
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    faulty_s3 = request.getfixturevalue("faulty_s3")
+    files = storage.list_files(f"{s3_bucket}/root")
+    first = next(files)
+    assert faulty_s3.counts.get("list") == 1
+    rest = list(files)
+    assert faulty_s3.counts.get("list") == 2
+    assert sorted([first, *rest]) == [f"{s3_bucket}/{name}" for name in names]
+
+
+def test_s3_listing_pages_are_page_size_keys(s3_bucket, faulty_s3):
+    for i in range(25):
+        put(s3_bucket, f"root/k{i:02d}.jpg", b"x")
+    faulty_s3.reset_counts()
+    assert len(list(storage.list_files(f"{s3_bucket}/root", page_size=10))) == 25
+    assert faulty_s3.counts.get("list") == 3
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory) -> str:
+    """A local folder of LOCAL_FILES empty files in two subfolders."""
+    root = tmp_path_factory.mktemp("many")
+    for sub in ("a", "b/c"):
+        (root / sub).mkdir(parents=True)
+        for i in range(LOCAL_FILES // 2):
+            (root / sub / f"img-{i:06d}.jpg").touch()
+    return str(root)
+
+
+def test_local_listing_holds_one_entry_at_a_time(many_files):
+    tracemalloc.start()
+    try:
+        listed = sum(1 for _ in storage.list_files(many_files, extensions=("jpg",)))
+        streamed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        held = list(storage.list_files(many_files))
+        materialised = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert listed == len(held) == LOCAL_FILES
+    assert materialised > 1_000_000, materialised  # what a listing held as a list costs
+    assert streamed < materialised / 20, (streamed, materialised)
+
+
+def test_a_long_listing_logs_its_progress(tmp_path, caplog, monkeypatch):
+    write_tree(str(tmp_path), ["a.jpg", "b.jpg", "sub/c.txt"])
+    monkeypatch.setattr(storage, "LIST_PROGRESS_S", 0.0)  # every listing is "long"
+    with caplog.at_level(logging.INFO, logger="capray.storage"):
+        assert len(list(storage.list_files(str(tmp_path), extensions=("jpg",)))) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"listing {tmp_path}: 3 objects listed so far, 2 kept" in lines[-2], lines
+    assert f"listing {tmp_path}: done, 3 objects listed, 2 kept" in lines[-1], lines
+    assert "objects/s" in lines[-1]
+
+
+def test_a_short_listing_logs_nothing(tmp_path, caplog):
+    write_tree(str(tmp_path), ["a.jpg", "b.jpg"])
+    with caplog.at_level(logging.INFO, logger="capray.storage"):
+        assert len(list(storage.list_files(str(tmp_path)))) == 2
+    assert not caplog.records
+
+
+def test_a_symlink_loop_is_listed_once(tmp_path):
+    write_tree(str(tmp_path), ["a.jpg", "sub/b.jpg"])
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)
+    assert relative(str(tmp_path), storage.list_files(str(tmp_path))) == ["a.jpg", "sub/b.jpg"]
+
+
+def test_listing_a_local_file_is_a_storage_error(tmp_path):
+    write_tree(str(tmp_path), ["a.jpg"])
+    with pytest.raises(StorageError, match="not a folder"):
+        list(storage.list_files(str(tmp_path / "a.jpg")))
+
+
+# --- transient and permanent failures (a proxy that throttles like S3) ---------------------------------
+
+def test_a_throttled_read_is_retried_by_the_client(s3_bucket, faulty_s3):
+    uri = put(s3_bucket, "img/a.jpg")
+    faulty_s3.configure(FaultPlan(get_keys=keys({"img/a.jpg"}), get_failures=3))
+    faulty_s3.reset_counts()
+    assert storage.read_bytes(uri) == BODY
+    assert faulty_s3.counts["injected"] == 3 and faulty_s3.counts["get"] == 4
+
+
+def test_a_read_throttled_past_the_attempts_is_transient(s3_bucket, faulty_s3, monkeypatch):
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)  # not 10 (a minute of backoff), nor pyarrow's default 3
+    uri = put(s3_bucket, "img/a.jpg")
+    faulty_s3.configure(FaultPlan(get_keys=keys({"img/a.jpg"}), get_failures=ALWAYS))
+    faulty_s3.reset_counts()
+    with pytest.raises(TransientStorageError) as info:
+        storage.read_bytes(uri)
+    assert faulty_s3.counts["get"] == 2  # the configured attempts, all made by the S3 client
+    assert not isinstance(info.value, ValueError) and isinstance(info.value, OSError)
+    assert uri in str(info.value) and "\n" not in str(info.value)
+    faulty_s3.heal()  # the store recovers: the same call succeeds
+    assert storage.read_bytes(uri) == BODY
+
+
+def test_a_missing_key_is_permanent(s3_bucket, faulty_s3):
+    with pytest.raises(StorageError, match="no such file") as info:
+        storage.read_bytes(f"{s3_bucket}/img/missing.jpg")
+    assert not isinstance(info.value, TransientStorageError)
+    assert faulty_s3.counts.get("injected", 0) == 0
+
+
+def test_a_throttled_listing_is_retried_by_the_client(s3_bucket, faulty_s3):
+    uris = [put(s3_bucket, f"img/{i}.jpg") for i in range(3)]
+    faulty_s3.configure(FaultPlan(list_failures=2))
+    faulty_s3.reset_counts()
+    assert sorted(storage.list_files(f"{s3_bucket}/img")) == uris
+    assert faulty_s3.counts["list"] == 3 and faulty_s3.counts["injected"] == 2
+
+
+def test_a_listing_throttled_past_the_attempts_is_transient(s3_bucket, faulty_s3, monkeypatch):
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    put(s3_bucket, "img/a.jpg")
+    faulty_s3.configure(FaultPlan(list_failures=ALWAYS))
+    faulty_s3.reset_counts()
+    with pytest.raises(TransientStorageError, match="SlowDown"):
+        list(storage.list_files(f"{s3_bucket}/img"))
+    assert faulty_s3.counts["list"] == 2
+
+
+def test_an_unreachable_store_is_transient(s3_bucket, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    uri = f"{s3_bucket}/img/a.jpg"
+    for call in (storage.exists, storage.read_bytes, lambda u: list(storage.list_files(u))):
+        with pytest.raises(TransientStorageError):
+            call(uri)
+
+
+def test_switching_endpoints_switches_clients(s3_bucket, request):
+    uri = storage.join(s3_bucket, "a.txt")
+    storage.write_text(uri, "hello")  # straight to moto, caching that bucket's filesystem
+    proxy = request.getfixturevalue("faulty_s3")
+    assert storage.read_text(uri) == "hello"
+    assert proxy.counts["get"] == 1
+
+
+def test_every_request_passes_through_the_proxy_unchanged(s3_bucket, faulty_s3):
+    big = os.urandom(12 << 20)  # a multipart upload in chunked requests with checksum trailers
+    storage.write_bytes(storage.join(s3_bucket, "big.bin"), big)
+    storage.write_text(storage.join(s3_bucket, "sub/small.txt"), "small")
+    assert storage.read_bytes(storage.join(s3_bucket, "big.bin")) == big
+    assert storage.is_file(storage.join(s3_bucket, "sub/small.txt"))  # HEAD
+    assert relative(s3_bucket, storage.list_files(s3_bucket)) == ["big.bin", "sub/small.txt"]
+    counts = faulty_s3.counts
+    assert counts["put"] and counts["get"] and counts["head"] and counts["list"], counts
+    assert "injected" not in counts
+
+
+def test_only_s3_and_local_locations():
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        storage.resolve("gs://bucket/key")
 
 
 # --- URI helpers -------------------------------------------------------------------------------------

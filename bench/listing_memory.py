@@ -1,0 +1,160 @@
+"""Driver memory of ``capray caption``'s listing and resume filter vs the number of files (a table, not a test).
+
+    .venv/bin/python bench/listing_memory.py [--sizes 250000,1000000] [--dir /tmp] [--json out.json]
+
+A local folder of N empty ``.jpg`` files (in subfolders of ``FILES_PER_FOLDER``) is listed and
+resume-filtered the way ``capray caption`` does it in its driver, with capray.captioning's own
+functions: ``_input_paths(folder, "prefix", extensions)`` streamed into ``_write_listing(paths, done,
+listing_dir, group_rows=...)``, where ``done`` holds the sorted digests of half of the files (as if a
+killed run had captioned them). Each N runs in a fresh Python process, so its peak RSS
+(``ru_maxrss``) is that N's alone. The files are made in yet another process: Linux carries a
+parent's peak RSS over into its child's ``ru_maxrss`` (measured: the child of a parent that once
+held 300 MB reports 313 MB), so the process that starts the measurements stays small. The folders
+of the smaller sizes nest inside the largest one, so only max(N) files are created.
+
+A streamed listing keeps the peak flat: the target is peak(largest N) / peak(smallest N) ≤ 1.2
+(a listing held whole cost the driver 216 MB per million S3 objects).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+# Nothing heavy is imported at the top: this process starts the measured ones (see above).
+
+FILES_PER_FOLDER = 10_000  # files per leaf folder: a bucket's "date=.../" prefixes, roughly
+DIGEST_CHUNK = 65_536  # paths digested at a time while building ``done`` (as _finished_paths does per shard)
+TARGET_RATIO = 1.2
+
+MAKE = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from listing_memory import make_tree
+print(json.dumps(make_tree(*json.loads(sys.argv[1]))))
+"""
+MEASURE = """
+import json, resource, sys, time
+import numpy as np
+from capray.captioning import CaptionConfig, _decode_rows, _input_paths, _write_listing
+
+args = json.loads(sys.argv[1])
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+done = np.load(args["done"])
+started = time.perf_counter()
+paths = _input_paths(args["folder"], "prefix", ("jpg",))
+group_rows = _decode_rows(CaptionConfig.batch_size, CaptionConfig.rows_per_shard)
+total, skipped, units = _write_listing(paths, done, args["listing"], group_rows=group_rows)
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps({"total": total, "skipped": skipped, "units": len(units), "seconds": seconds,
+                  "baseline_rss_mb": baseline / 1024, "peak_rss_mb": peak / 1024,
+                  "vm_hwm_mb": int(status["VmHWM"].split()[0]) / 1024}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="250000,1000000", help="comma-separated numbers of files")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the (deleted afterwards) folder goes")
+    p.add_argument("--json", default="", help="write the results here too")
+    args = p.parse_args()
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    if not sizes or sizes[0] < 2:
+        raise SystemExit("--sizes must name at least one size of 2 files or more")
+
+    workdir = tempfile.mkdtemp(prefix="capray-listing-", dir=args.dir)
+    try:
+        started = time.perf_counter()
+        out = _run(MAKE, [os.path.join(workdir, "data"), sizes])
+        created_s = time.perf_counter() - started
+        rows = [measure(size, *out[str(size)], os.path.join(workdir, f"listing-{size}")) for size in sizes]
+    finally:
+        shutil.rmtree(workdir)
+    results = {"sizes": sizes, "dir": args.dir, "create_seconds": round(created_s, 1), "runs": rows,
+               "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+    print_table(results)
+    if args.json:
+        from capray import storage
+
+        storage.write_json(args.json, results)
+        print(f"wrote {args.json}")
+
+
+def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int]]:
+    """Create max(sizes) empty files so that the folder for each size holds exactly that many.
+
+    The folder of size k is ``root/smaller/…/smaller`` (one level per larger size). Returns, per size,
+    its folder, an ``.npy`` file of the sorted digests of every second file under it, and their number.
+    """
+    import numpy as np
+
+    from capray.captioning import _digests
+
+    folders: dict[int, str] = {}
+    folder, halves, number = root, [], 0
+    for index in reversed(range(len(sizes))):  # the largest size first: its folder is ``root``
+        folders[sizes[index]] = folder
+        for i in range(sizes[index] - (sizes[index - 1] if index else 0)):
+            leaf = os.path.join(folder, f"part-{i // FILES_PER_FOLDER:05d}")
+            if i % FILES_PER_FOLDER == 0:
+                os.makedirs(leaf)
+            path = os.path.join(leaf, f"img-{number:08d}.jpg")
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            if number % 2 == 0:
+                halves.append(path)
+            number += 1
+        folder = os.path.join(folder, "smaller")
+    made = {}
+    for size in sizes:  # a smaller size's files are all under the larger sizes' folders too
+        prefix = folders[size] + os.sep
+        mine = [p for p in halves if p.startswith(prefix)]
+        done = np.concatenate([_digests(mine[i:i + DIGEST_CHUNK]) for i in range(0, len(mine), DIGEST_CHUNK)]
+                              or [np.empty(0, dtype="S16")])
+        done.sort()
+        made[size] = (folders[size], os.path.join(os.path.dirname(root), f"done-{size}.npy"), len(done))
+        np.save(made[size][1], done)
+    return made
+
+
+def measure(size: int, folder: str, done: str, num_done: int, listing: str) -> dict:
+    """List and resume-filter ``folder`` in a fresh process; its time and peak RSS."""
+    run = _run(MEASURE, {"folder": folder, "done": done, "listing": listing})
+    if run["total"] != size or run["skipped"] != num_done:
+        raise SystemExit(f"{size} files: listed {run['total']}, skipped {run['skipped']} of {num_done}: wrong")
+    run["size"] = size
+    run["files_per_s"] = size / run["seconds"]
+    run["listing_mb"] = run["peak_rss_mb"] - run["baseline_rss_mb"]
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}
+
+
+def _run(code: str, args) -> dict:
+    """Run ``code`` in a fresh Python with ``args`` as JSON; the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_table(r: dict) -> None:
+    print(f"capray caption's driver-side listing + resume filter of a local folder ({r['dir']}), "
+          f"half of the files already done; {max(r['sizes']):,} files created in {r['create_seconds']:.0f} s")
+    header = ("files", "list+filter s", "files/s", "listing units", "RSS after imports MB", "peak RSS MB",
+              "peak - imports MB")
+    rows = [(f"{x['size']:,}", f"{x['seconds']:.1f}", f"{x['files_per_s']:,.0f}", f"{x['units']:,}",
+             f"{x['baseline_rss_mb']:.0f}", f"{x['peak_rss_mb']:.0f}", f"{x['listing_mb']:.0f}") for x in r["runs"]]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    print(f"peak RSS ratio {r['sizes'][-1]:,} / {r['sizes'][0]:,} files: {r['peak_rss_ratio']:.2f} "
+          f"(target ≤ {TARGET_RATIO})")
+
+
+if __name__ == "__main__":
+    main()
