@@ -1,19 +1,28 @@
-"""Annotation readers: COCO captions JSON, Karpathy split JSON and the JSONL manifest, to one record type."""
+"""Annotation readers: COCO captions JSON, Karpathy split JSON and the JSONL manifest, to one record type.
+
+``read_annotations`` reads one file; ``read_sources`` reads several, each with its own images root, as the
+official COCO release comes (``captions_train2014.json`` + ``train2014/``, ``captions_val2014.json`` +
+``val2014/``), and can carve a deterministic test split out of val.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from capray import storage
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
 class AnnotationError(ValueError):
-    """A malformed annotation file; the message names the file and what is wrong."""
+    """Annotations that cannot be used as given; the message names the file(s) and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,8 @@ def read_annotations(uri: str, *, images: str | None = None, split: str | None =
     or ``val`` when the file name says so).
     """
     text = storage.read_text(uri)
-    root = images or storage.parent(uri)
+    # Resolved here, where the user typed it: Ray workers run in another working directory.
+    root = storage.normalize(images) if images else storage.parent(uri)
     if uri.endswith(".jsonl"):
         return _read_manifest(uri, text, root)
     try:
@@ -56,6 +66,77 @@ def read_annotations(uri: str, *, images: str | None = None, split: str | None =
     if isinstance(obj, dict) and "image" in obj:  # a one-line manifest
         return _read_manifest(uri, text, root)
     raise AnnotationError(f"{uri}: not a COCO captions file, a Karpathy split file or a JSONL manifest")
+
+
+def pair_sources(annotations: Sequence[str], images: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Pair the command line's ``--annotations`` and ``--images`` lists into ``read_sources``'s sources.
+
+    Either no ``--images`` at all (every file resolves images against its own folder) or one per
+    annotation file, paired in the order typed. Any other count is refused rather than guessed: with
+    two files and one root there is no telling which file the root belongs to.
+    """
+    if not annotations:
+        raise ValueError("give at least one --annotations file")
+    if not images:
+        return [(uri, None) for uri in annotations]
+    if len(images) != len(annotations):
+        raise ValueError(f"{len(images)} --images for {len(annotations)} --annotations: give one --images per "
+                         f"--annotations, in the same order, or none (each file's own folder)")
+    return list(zip(annotations, images))
+
+
+def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: float = 0.0) -> list[Record]:
+    """Read several annotation files, each ``(URI, images root or None)``, into one list of records.
+
+    Each file keeps its own splits: a COCO file is ``val`` when its name says so, else ``train``;
+    Karpathy files and manifests carry theirs. ``test_fraction`` moves that share of the *val* images to
+    ``test`` (COCO has no public test captions), chosen by a hash of the image id alone, so an image
+    lands in the same split whatever the file order, the other images or the process: features,
+    checkpoints and metrics of different runs stay comparable. Images already in ``test`` (Karpathy's
+    split, a manifest's) stay there and train is never touched, so the carve only adds to test.
+
+    An image id in two files is refused (in two splits it would leak evaluation images into training;
+    in one it would be encoded and weighted twice), as is a ``test_fraction`` outside [0, 1) or one with
+    no val images to carve from.
+    """
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 <= test_fraction < 1.0:  # NaN fails the comparison too
+        raise AnnotationError(f"--test-fraction must be at least 0 and below 1, got {test_fraction!r}")
+    if not sources:
+        raise AnnotationError("no annotation files given")
+    records: list[Record] = []
+    first_seen: dict[str, tuple[int, str, str]] = {}  # image_id → (source index, URI, split)
+    for index, (uri, images) in enumerate(sources):
+        source_records = read_annotations(uri, images=images)
+        for r in source_records:
+            other = first_seen.setdefault(r.image_id, (index, uri, r.split))
+            if other[0] != index:
+                raise AnnotationError(f"image id {r.image_id} is in {other[1]} ({other[2]}) and in {uri} "
+                                      f"({r.split}): each image may come from one annotation file only")
+        records.extend(source_records)
+    if test_fraction == 0:
+        return records
+    if not any(r.split == "val" for r in records):
+        raise AnnotationError(f"--test-fraction {test_fraction} carves test out of val, but there are no val "
+                              f"images in {', '.join(uri for uri, _ in sources)} "
+                              f"(a COCO file is val when its name says so, e.g. captions_val2014.json)")
+    carved = [replace(r, split="test") if r.split == "val" and stable_share(r.image_id) < test_fraction else r
+              for r in records]
+    num_val = sum(r.split == "val" for r in records)
+    num_moved = num_val - sum(r.split == "val" for r in carved)
+    log.info("--test-fraction %g: %d of %d val images moved to test (%d test images already in the files kept)",
+             test_fraction, num_moved, num_val, sum(r.split == "test" for r in records))
+    return carved
+
+
+def stable_share(image_id: str) -> float:
+    """Where ``image_id`` falls in [0, 1); an image is carved into test when this is below the fraction.
+
+    SHA-256 rather than ``hash()``: Python salts string hashes per process (PYTHONHASHSEED), which
+    would move images between splits from one run to the next.
+    """
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _read_manifest(uri: str, text: str, root: str) -> list[Record]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from capray import storage
-from capray.annotations import AnnotationError, Record, read_annotations
+from capray.annotations import AnnotationError, Record, pair_sources, read_annotations, read_sources
 
 COCO = {
     "info": {"description": "tiny"},
@@ -113,6 +114,13 @@ def test_coco_file_with_one_object_per_line_is_not_taken_for_a_manifest(tmp_path
     assert json.loads((tmp_path / "captions_train2014.json").read_text()) == {
         "images": COCO["images"], "annotations": COCO["annotations"]}
     assert by_id(read_annotations(uri))["42"].captions == ("A dog on grass.", "the dog runs")
+
+
+def test_relative_images_root_resolves_where_it_was_typed(tmp_path, monkeypatch):
+    # Ray workers run in another working directory: image URIs must not stay relative.
+    uri = write(tmp_path, "captions_train2014.json", COCO)
+    monkeypatch.chdir(tmp_path)
+    assert by_id(read_annotations(uri, images="train2014"))["9"].image == str(tmp_path / "train2014" / "9.jpg")
 
 
 # --- Karpathy ----------------------------------------------------------------------------------------
@@ -282,3 +290,182 @@ def test_missing_annotation_file(tmp_path):
 def test_annotation_error_is_a_value_error():
     # the command line reports every ValueError as bad usage (exit code 2)
     assert issubclass(AnnotationError, ValueError)
+
+
+# --- several sources: COCO as it comes (two files, two image folders) ---------------------------------
+
+def coco_file(ids: range, split: str) -> dict:
+    """An official-style COCO captions file: images named ``COCO_<split>2014_<12-digit id>.jpg``."""
+    images = [{"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg", "width": 640, "height": 480} for i in ids]
+    annotations = [{"id": 10 * i + k, "image_id": i, "caption": f"image {i} caption {k}"}
+                   for i in ids for k in range(2)]
+    return {"info": {}, "licenses": [], "images": images, "annotations": annotations}
+
+
+TRAIN_IDS, VAL_IDS = range(1, 31), range(1001, 1201)
+
+
+@pytest.fixture
+def coco_release(tmp_path) -> list[tuple[str, str]]:
+    """``annotations/captions_{train,val}2014.json`` with ``train2014/`` and ``val2014/`` beside them."""
+    sources = []
+    for split, ids in (("train", TRAIN_IDS), ("val", VAL_IDS)):
+        folder = tmp_path / f"{split}2014"
+        folder.mkdir()
+        for i in ids:
+            (folder / f"COCO_{split}2014_{i:012d}.jpg").write_bytes(b"jpeg")
+        sources.append((write(tmp_path, f"annotations/captions_{split}2014.json", coco_file(ids, split)), str(folder)))
+    return sources
+
+
+def splits_of(records: list[Record]) -> dict[str, str]:
+    return {r.image_id: r.split for r in records}
+
+
+def test_coco_release_gives_train_val_and_test_with_their_images(coco_release, tmp_path):
+    records = by_id(read_sources(coco_release, test_fraction=0.2))
+    assert set(records) == {str(i) for i in (*TRAIN_IDS, *VAL_IDS)}
+    assert {records[str(i)].split for i in TRAIN_IDS} == {"train"}
+    val_splits = [records[str(i)].split for i in VAL_IDS]
+    assert set(val_splits) == {"val", "test"}  # the test split comes out of val only
+    for r in records.values():
+        folder = "train2014" if int(r.image_id) in TRAIN_IDS else "val2014"
+        assert r.image == str(tmp_path / folder / f"COCO_{folder[:-4]}2014_{int(r.image_id):012d}.jpg")
+        assert storage.exists(r.image)
+        assert r.captions == (f"image {r.image_id} caption 0", f"image {r.image_id} caption 1")
+
+
+def test_without_test_fraction_the_files_give_train_and_val(coco_release):
+    records = read_sources(coco_release)
+    assert splits_of(records) == {**{str(i): "train" for i in TRAIN_IDS}, **{str(i): "val" for i in VAL_IDS}}
+
+
+def test_without_images_roots_each_file_uses_its_own_folder(coco_release, tmp_path):
+    records = by_id(read_sources(pair_sources([uri for uri, _ in coco_release], [])))
+    assert records["1001"].image == str(tmp_path / "annotations" / "COCO_val2014_000000001001.jpg")
+
+
+def test_one_source_reads_as_read_annotations(tmp_path):
+    uri = write(tmp_path, "dataset_coco.json", KARPATHY)
+    assert read_sources([(uri, "/data/coco")]) == read_annotations(uri, images="/data/coco")
+
+
+def test_coco_release_on_s3(s3_bucket):
+    sources = []
+    for split, ids in (("train", range(1, 4)), ("val", range(11, 14))):
+        uri = f"{s3_bucket}/coco/annotations/captions_{split}2014.json"
+        storage.write_json(uri, coco_file(ids, split))
+        sources.append((uri, f"{s3_bucket}/coco/{split}2014"))
+    records = by_id(read_sources(sources))
+    assert records["2"] == Record(image_id="2", image=f"{s3_bucket}/coco/train2014/COCO_train2014_000000000002.jpg",
+                                  captions=("image 2 caption 0", "image 2 caption 1"), split="train")
+    assert records["12"].image == f"{s3_bucket}/coco/val2014/COCO_val2014_000000000012.jpg"
+    assert records["12"].split == "val"
+
+
+# --- the test carve --------------------------------------------------------------------------------
+
+def test_test_carve_is_the_same_every_time_and_in_any_order(coco_release):
+    once = splits_of(read_sources(coco_release, test_fraction=0.3))
+    assert splits_of(read_sources(coco_release, test_fraction=0.3)) == once
+    assert splits_of(read_sources(coco_release[::-1], test_fraction=0.3)) == once
+
+
+def test_test_carve_of_an_image_does_not_depend_on_the_other_images(tmp_path, coco_release):
+    whole = splits_of(read_sources(coco_release, test_fraction=0.3))
+    every_third = range(VAL_IDS.start, VAL_IDS.stop, 3)
+    fewer = write(tmp_path, "fewer/captions_val2014.json", coco_file(every_third, "val"))
+    part = splits_of(read_sources([(fewer, None)], test_fraction=0.3))
+    assert part == {str(i): whole[str(i)] for i in every_third}
+
+
+def test_test_carve_is_pinned_across_processes_and_releases(tmp_path):
+    # A feature dataset's test split must not move when capray is upgraded or Python's hash seed changes:
+    # these ids were carved by SHA-256 of the id when the carve was introduced.
+    uri = write(tmp_path, "captions_val2014.json", coco_file(range(1, 21), "val"))
+    test_ids = sorted(int(r.image_id) for r in read_sources([(uri, None)], test_fraction=0.25) if r.split == "test")
+    assert test_ids == [8, 9, 13]
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5])
+def test_test_carve_takes_about_the_fraction_of_val(tmp_path, fraction):
+    num_val = 4000
+    uri = write(tmp_path, "captions_val2014.json", coco_file(range(num_val), "val"))
+    num_test = sum(r.split == "test" for r in read_sources([(uri, None)], test_fraction=fraction))
+    # binomial: within 4 standard deviations
+    assert abs(num_test - fraction * num_val) < 4 * math.sqrt(num_val * fraction * (1 - fraction))
+
+
+def test_test_carve_grows_with_the_fraction(coco_release):
+    # a larger fraction only adds images to test: a run with 0.1 tests on a subset of a run with 0.3's
+    small = {i for i, s in splits_of(read_sources(coco_release, test_fraction=0.1)).items() if s == "test"}
+    large = {i for i, s in splits_of(read_sources(coco_release, test_fraction=0.3)).items() if s == "test"}
+    assert small < large
+
+
+def test_test_carve_keeps_a_files_own_test_split(tmp_path):
+    # Karpathy's file has its own test images: they stay test, its val images are carved like COCO's
+    uri = write(tmp_path, "dataset_coco.json", KARPATHY)
+    splits = splits_of(read_sources([(uri, None)], test_fraction=0.99))
+    assert splits["14"] == splits["4"] == "test"  # already test
+    assert splits["11"] == splits["12"] == "train"  # train (and restval) never carved
+    assert splits["13"] == "test"  # the one val image, carved at 0.99 (its share is below 0.99)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5, float("nan"), True])
+def test_test_fraction_out_of_range(coco_release, fraction):
+    with pytest.raises(AnnotationError, match="--test-fraction must be at least 0 and below 1") as info:
+        read_sources(coco_release, test_fraction=fraction)
+    assert isinstance(info.value, ValueError)
+
+
+def test_test_fraction_without_val_images(coco_release):
+    train_only = coco_release[:1]
+    with pytest.raises(AnnotationError, match="no val images") as info:
+        read_sources(train_only, test_fraction=0.1)
+    assert train_only[0][0] in str(info.value) and "\n" not in str(info.value)
+    assert splits_of(read_sources(train_only)) == {str(i): "train" for i in TRAIN_IDS}  # fine without a carve
+
+
+# --- duplicates and pairing ------------------------------------------------------------------------
+
+def test_image_in_two_splits_is_refused(tmp_path):
+    train = write(tmp_path, "captions_train2014.json", coco_file(range(1, 5), "train"))
+    val = write(tmp_path, "captions_val2014.json", coco_file(range(4, 8), "val"))
+    with pytest.raises(AnnotationError) as info:
+        read_sources([(train, None), (val, None)])
+    message = str(info.value)
+    assert "image id 4 " in message and train in message and val in message and "\n" not in message
+    assert "(train)" in message and "(val)" in message
+
+
+def test_same_file_twice_is_refused(tmp_path):
+    train = write(tmp_path, "captions_train2014.json", coco_file(range(1, 5), "train"))
+    with pytest.raises(AnnotationError, match="image id 1 is in .*captions_train2014.json"):
+        read_sources([(train, None), (train, None)])
+
+
+def test_no_sources():
+    with pytest.raises(AnnotationError, match="no annotation files"):
+        read_sources([])
+
+
+def test_pair_sources_without_images_uses_each_files_folder():
+    assert pair_sources(["a.json", "s3://b/v.json"], []) == [("a.json", None), ("s3://b/v.json", None)]
+
+
+def test_pair_sources_pairs_in_order():
+    assert pair_sources(["t.json", "v.json"], ["s3://b/train2014", "s3://b/val2014"]) == [
+        ("t.json", "s3://b/train2014"), ("v.json", "s3://b/val2014")]
+
+
+@pytest.mark.parametrize("annotations,images,message", [
+    (["t.json", "v.json"], ["s3://b/train2014"], "1 --images for 2 --annotations"),
+    (["t.json"], ["s3://b/train2014", "s3://b/val2014"], "2 --images for 1 --annotations"),
+    ([], [], "at least one --annotations"),
+    ([], ["s3://b/train2014"], "at least one --annotations"),
+])
+def test_pair_sources_refuses_other_counts(annotations, images, message):
+    with pytest.raises(ValueError, match=message) as info:
+        pair_sources(annotations, images)
+    assert "\n" not in str(info.value)
