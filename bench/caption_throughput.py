@@ -36,6 +36,7 @@ import torch
 
 from capray import storage
 from capray.captioning import CaptionConfig, plan_resources
+from capray.runtime import Machine
 from capray.checkpoint import load_checkpoint, model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
 from capray.images import decode_image
@@ -75,7 +76,7 @@ def main() -> None:
               for n in (args.num_images, 4 * args.num_images)}
     config = CaptionConfig(input="-", output="-", checkpoint=checkpoint, batch_size=args.batch_size,
                            beam_size=args.beam_size, max_length=args.max_length)
-    plan, _, _ = plan_resources(config, total_cpus=float(os.cpu_count()), total_gpus=0.0)
+    plan, _, _ = plan_resources(config, machine=Machine(cpus=float(os.cpu_count()), gpus=0.0))
     results = {"num_images": args.num_images, "encoder": args.encoder, "weights": args.weights,
                "image_size": args.image_size, "vocab_size": args.vocab_size, "batch_size": args.batch_size,
                "beam_size": args.beam_size, "max_length": args.max_length, "threads": plan.threads,

@@ -21,7 +21,7 @@ from capray import storage
 from capray.encoders import EncoderSpec, build_encoder
 from capray.features import PrepareConfig, prepare
 from capray.images import decode_image
-from capray.runtime import cluster_cpus, cluster_gpus, ensure_ray, plan_actors
+from capray.runtime import ensure_ray, local_machine, plan_actors
 from capray.synth import SynthConfig, generate
 
 
@@ -63,7 +63,8 @@ def main() -> None:
             manifests[n] = generate(os.path.join(tmp, f"shapes-{n}"), SynthConfig(
                 num_images=n, image_size=args.image_size, train_fraction=1.0, val_fraction=0.0, test_fraction=0.0))
         ensure_ray()
-        plan = plan_actors(actors=args.actors, gpus_per_actor=0.0, total_cpus=cluster_cpus(), total_gpus=cluster_gpus())
+        plan = plan_actors(actors=args.actors, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
+                           machine=local_machine(), reserve_cpus=0.25)
         # A first run of N pays what only the first pipeline in a Ray session pays (worker processes,
         # imports): it is discarded, so the N and 2N runs differ only in their number of images.
         prepare_seconds(manifests[args.num_images], os.path.join(tmp, "features-warm-up"), spec,
@@ -73,17 +74,17 @@ def main() -> None:
         sample = sorted(os.listdir(os.path.join(tmp, f"shapes-{args.num_images}", "images", "train")))[: args.batch_size]
         pixels = np.stack([decode_image(open(os.path.join(tmp, f"shapes-{args.num_images}", "images", "train", f),
                                              "rb").read(), spec.resolved().image_size)[0] for f in sample])
-    threads = plan.actors * plan.threads
+    threads = plan.min_actors * plan.threads
     limit = forward_only(spec, pixels, batch_size=args.batch_size, threads=threads)
     (s1, n1), (s2, n2) = runs[args.num_images], runs[2 * args.num_images]
     steady = (n2 - n1) / max(s2 - s1, 1e-9)
     results = {"encoder": spec.name, "image_size": spec.resolved().image_size, "batch_size": args.batch_size,
-               "actors": plan.actors, "threads_total": threads,
+               "actors": plan.min_actors, "threads_total": threads,
                "forward_only_images_per_s": round(limit, 1),
                "prepare_images_per_s_n": round(n1 / s1, 1), "prepare_images_per_s_2n": round(n2 / s2, 1),
                "prepare_steady_images_per_s": round(steady, 1), "ratio": round(steady / limit, 3)}
     print(f"\nprepare throughput ({spec.name} @ {results['image_size']} px, batch {args.batch_size}, "
-          f"{plan.actors} actors, {threads} threads in all)")
+          f"{plan.min_actors} actors, {threads} threads in all)")
     print(f"{'measure':<50}{'images/s':>10}")
     print(f"{'encoder forward only (pre-decoded, same threads)':<50}{limit:>10.1f}")
     print(f"{f'prepare, whole split of {n1}':<50}{n1 / s1:>10.1f}")

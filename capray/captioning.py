@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
@@ -43,7 +44,7 @@ from ray.data.block import BlockAccessor
 from capray import storage
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
-from capray.runtime import ActorPlan, ModelThread, plan_actors
+from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ COMPATIBLE_KEYS = ("checkpoint", "beam_size", "max_length", "encoder")
 """Metadata that must agree for a run to add shards to an output that already holds some."""
 LISTING, GROUP = "listing", "group"  # a decode task's unit of work: one row group of a listing shard
 IMAGE = "image"  # decoded pixels between the decode tasks and the captioners (never written)
+RETRY = "retry"
+"""Between the decode tasks and the sink: the image's read failed for a transient reason (throttling,
+a reset connection) even after the S3 client's retries. Such a row is never written, so the image is
+not done: the next run lists and captions it again (``capray caption`` exits 1 and says so)."""
+DECODE_TASK_RETRIES = 10
+"""Ray retries of a decode task that raised ``TransientStorageError`` (reading its listing shard)."""
 READ_THREADS = 16  # concurrent object reads per decode task: S3 GETs are latency-bound
 MAX_BLOCKS = 10_000  # decode tasks per run at most: Ray Data keeps some driver memory per block
 
@@ -83,15 +90,25 @@ class CaptionConfig:
     batch_size: int = 32
     """Images per encoder forward pass and beam search."""
     actors: int = 0
-    """Captioner actors; 0 means one per GPU (``gpus_per_actor`` > 0), else one."""
+    """A fixed number of captioner actors; 0 lets the pool scale (on a cluster: from 1 up to
+    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
+    max_actors: int = 0
+    """Most captioner actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
     gpus_per_actor: float = 0.0
     """GPUs per actor; 0 captions on CPU."""
+    cpus_per_actor: float = 0.0
+    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    wait_timeout: float = 600.0
+    """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     """File name endings (lower-case, no dot) of the objects to caption when listing a prefix."""
     max_length: int = 20
     """Most words per caption (``<end>`` included)."""
     overwrite: bool = False
     """Delete the shards already in ``output`` and caption everything again."""
+    retry_errors: bool = False
+    """Caption again every image that has an error row in ``output`` (after the cause is fixed); its
+    error row is replaced, so the output still holds one row per image."""
     rows_per_shard: int = 10_000
     """Rows per Parquet shard (the last of a run may have fewer): few, large files read back fast."""
     fault: str = ""
@@ -102,11 +119,16 @@ class CaptionConfig:
         for name in ("input", "output", "checkpoint"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} must not be empty")
+            # Resolved where the user typed it: Ray's workers run in another working directory.
+            object.__setattr__(self, name, storage.normalize(getattr(self, name)))
         for name in ("beam_size", "batch_size", "max_length", "rows_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.actors < 0 or self.gpus_per_actor < 0:
-            raise ValueError("--actors and --gpus-per-actor must not be negative")
+        for name in ("actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.overwrite and self.retry_errors:
+            raise ValueError("--overwrite and --retry-errors exclude each other (--overwrite redoes everything)")
         if not self.extensions or any(not e or e != e.lower().lstrip(".") for e in self.extensions):
             raise ValueError(f"--extensions must be lower-case endings without dots, got {self.extensions}")
         if self.fault and not _parse_fault(self.fault):
@@ -135,6 +157,9 @@ class CaptionSummary:
     """Rows this run wrote with ``error`` set (unreadable or undecodable objects)."""
     skipped: int
     """Already in the output before this run started."""
+    retryable: int
+    """Images whose read failed for a transient reason (throttling, timeouts) after the client's
+    retries: not written, so running the same command again captions them."""
     wall_seconds: float
     images_per_s: float
     """(ok + errors) / wall_seconds."""
@@ -166,8 +191,9 @@ def caption(config: CaptionConfig) -> CaptionSummary:
         "encoder": model["encoder"],
     }
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    output = storage.normalize(config.output)
-    done = np.empty(0, dtype="S16") if config.overwrite else _finished_paths(output, settings)
+    output = config.output
+    done, with_errors = (np.empty(0, dtype="S16"), []) if config.overwrite else _finished_paths(
+        output, settings, retry_errors=config.retry_errors)
     listing = storage.join(output, LISTING_DIR, run_id)
     storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
     paths = _input_paths(config.input, source, config.extensions)
@@ -177,17 +203,23 @@ def caption(config: CaptionConfig) -> CaptionSummary:
         raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
     if config.overwrite:
         _delete_shards(output)
+    for uri in with_errors:  # --retry-errors: their images are listed again, so their error rows go
+        _drop_error_rows(uri)
     storage.delete_file(storage.join(output, SUMMARY_FILE))  # its presence means "the last run finished"
     log.info("caption: %d images in %s, %d already captioned, %d to do → %s (run %s)",
              total, config.input, skipped, total - skipped, output, run_id)
 
-    ok = errors = shards = 0
+    ok = errors = retryable = shards = 0
     if total > skipped:
-        ok, errors, shards = _run(config, units=units, output=output, run_id=run_id,
+        ok, errors, retryable, shards = _run(config, units=units, output=output, run_id=run_id,
                                   image_size=model["image_size"], settings=settings)
     storage.delete_dir(storage.join(output, LISTING_DIR))
     wall = time.perf_counter() - started
-    summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=skipped, wall_seconds=round(wall, 3),
+    if retryable:
+        log.warning("caption: %d image(s) could not be read for a transient reason (see the log); they are "
+                    "not in the output yet: run the same command again to caption them", retryable)
+    summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=skipped, retryable=retryable,
+                             wall_seconds=round(wall, 3),
                              images_per_s=round((ok + errors) / wall, 3) if wall > 0 else 0.0,
                              output=output, run_id=run_id, shards=shards, settings=settings)
     storage.write_json(storage.join(output, SUMMARY_FILE), summary.to_dict())  # written last
@@ -196,8 +228,8 @@ def caption(config: CaptionConfig) -> CaptionSummary:
 
 def print_summary(summary: CaptionSummary) -> None:
     """One table: images, ok, errors, skipped, wall time, images/s."""
-    header = ("images", "ok", "errors", "skipped", "wall s", "images/s")
-    values = (summary.total, summary.ok, summary.errors, summary.skipped,
+    header = ("images", "ok", "errors", "skipped", "retry", "wall s", "images/s")
+    values = (summary.total, summary.ok, summary.errors, summary.skipped, summary.retryable,
               f"{summary.wall_seconds:.1f}", f"{summary.images_per_s:.1f}")
     widths = [max(len(h), len(str(v))) for h, v in zip(header, values)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
@@ -255,35 +287,58 @@ def _shard_uris(output: str) -> list[str]:
                   if SHARD_NAME.fullmatch(storage.basename(uri)) and storage.parent(uri) == output)
 
 
-def _finished_paths(output: str, settings: dict) -> np.ndarray:
-    """Sorted digests of every path already captioned in ``output``.
+def _finished_paths(output: str, settings: dict, *, retry_errors: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Sorted digests of every path already in ``output``, and the shards that hold error rows.
 
-    Removes what a killed run may have left behind: temporary files, and shards that are not whole
-    Parquet files. Raises ``ValueError`` if the shards were made with another checkpoint or settings.
+    With ``retry_errors`` the paths of error rows do not count as done. Removes the temporary files a
+    killed run may have left (a shard itself only ever appears whole). A shard that cannot be read is
+    never deleted: a transient failure raises ``TransientStorageError`` (run again), anything else a
+    ``ValueError``. Also raises ``ValueError`` if the shards were made with another checkpoint or settings.
     """
     if not storage.exists(output):
-        return np.empty(0, dtype="S16")
+        return np.empty(0, dtype="S16"), []
     _delete_temporaries(output)
 
-    def digests(uri: str) -> np.ndarray:
+    def digests(uri: str) -> tuple[np.ndarray, bool]:
         fs, path = storage.resolve(uri)
         try:
             with fs.open_input_file(path) as f:
                 parquet = pq.ParquetFile(f)
                 metadata = parquet.schema_arrow.metadata or {}
-                paths = parquet.read(columns=[PATH]).column(PATH).to_pylist()
-        except (pa.ArrowInvalid, OSError) as exc:  # no footer: cut short (a finished shard always has one)
-            log.warning("caption: removing incomplete shard %s (%s)", uri, str(exc).splitlines()[0])
-            storage.delete_file(uri)
-            return np.empty(0, dtype="S16")
+                table = parquet.read(columns=[PATH, ERROR])
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"--output {output} holds {storage.basename(uri)}, which is not a caption shard "
+                             f"({str(exc).splitlines()[0]}): move it away or use --overwrite") from exc
+        except OSError as exc:
+            raise storage.TransientStorageError(f"cannot read {uri}: {str(exc).splitlines()[0]}") from exc
         _check_compatible(uri, metadata, settings)
-        return _digests(paths)
+        failed = table.column(ERROR).is_valid().to_numpy(zero_copy_only=False)
+        paths = table.column(PATH).to_pylist()
+        if retry_errors:
+            paths = [p for p, f in zip(paths, failed) if not f]
+        return _digests(paths), bool(failed.any())
 
+    uris = _shard_uris(output)
     with ThreadPoolExecutor(max_workers=8) as pool:  # shards are read one request each: overlap them
-        parts = list(pool.map(digests, _shard_uris(output)))
-    done = np.concatenate(parts) if parts else np.empty(0, dtype="S16")
+        parts = list(pool.map(digests, uris))
+    done = np.concatenate([d for d, _ in parts]) if parts else np.empty(0, dtype="S16")
     done.sort()
-    return done
+    with_errors = [uri for uri, (_, failed) in zip(uris, parts) if failed] if retry_errors else []
+    return done, with_errors
+
+
+def _drop_error_rows(uri: str) -> None:
+    """Rewrite a shard without its error rows (in place: the new file replaces the old one whole)."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f)
+    kept = table.filter(table.column(ERROR).is_null())
+    log.info("caption: --retry-errors: %d error row(s) of %s will be captioned again",
+             table.num_rows - kept.num_rows, storage.basename(uri))
+    if kept.num_rows:
+        _write_parquet(uri, kept)
+    else:
+        storage.delete_file(uri)
 
 
 def _check_compatible(uri: str, metadata: dict, settings: dict) -> None:
@@ -365,44 +420,48 @@ def _write_parquet(uri: str, table: pa.Table, *, row_group_size: int | None = No
 # The Ray Data pipeline.
 
 def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, run_id: str, image_size: int,
-         settings: dict) -> tuple[int, int, int]:
-    """Caption the listed paths into shards in ``output``; returns (ok, errors, shards)."""
+         settings: dict) -> tuple[int, int, int, int]:
+    """Caption the listed paths into shards in ``output``; returns (ok, errors, retryable, shards)."""
     import ray
 
-    from capray.runtime import cluster_cpus, cluster_gpus, ensure_ray
+    from capray.runtime import ensure_ray, local_machine, wait_for_resources
 
     ensure_ray()
-    plan, decode_cpus, write_cpus = plan_resources(config, total_cpus=cluster_cpus(), total_gpus=cluster_gpus())
-    log.info("caption: %d captioner(s) × %.2f CPU, %.2f GPU, %d thread(s); decode tasks × %.2f CPU",
-             plan.actors, plan.num_cpus, plan.num_gpus, plan.threads, decode_cpus)
+    machine = local_machine()
+    plan, decode_cpus, write_cpus = plan_resources(config, machine=machine)
+    log.info("caption: %s; decode tasks × %g CPU", plan.describe(), decode_cpus)
+    if machine is None:  # a cluster: the first captioner may need a node that is not up yet
+        wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="caption")
     sink = _ShardSink(output, run_id=run_id, metadata=_metadata(settings), rows_per_shard=config.rows_per_shard)
-    # One block per unit (up to MAX_BLOCKS), so decode tasks spread over the cluster. Ray's file readers
-    # are not used: their listing task takes a whole CPU, which the captioners hold on a small machine.
+    # One block per unit (up to MAX_BLOCKS), so decode tasks spread over the nodes as they join. Ray's
+    # file readers are not used: their listing task takes a whole CPU, which the captioners hold on a
+    # small machine.
     ds = ray.data.from_items([{LISTING: uri, GROUP: group} for uri, group in units],
                              override_num_blocks=min(len(units), MAX_BLOCKS))
     ds = ds.map_batches(read_and_decode, fn_kwargs={"image_size": image_size}, batch_size=1,
-                        batch_format="numpy", num_cpus=decode_cpus)
+                        batch_format="numpy", num_cpus=decode_cpus, max_retries=DECODE_TASK_RETRIES,
+                        retry_exceptions=[storage.TransientStorageError])
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={
                             "checkpoint": settings["checkpoint"], "beam_size": config.beam_size,
                             "max_length": config.max_length, "threads": plan.threads,
                             "use_gpu": plan.num_gpus > 0, "warmup_batch": config.batch_size,
                             "fault": config.fault},
-                        compute=ray.data.ActorPoolStrategy(size=plan.actors), batch_size=config.batch_size,
-                        batch_format="numpy", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+                        compute=plan.strategy(), batch_size=config.batch_size,
+                        batch_format="numpy", **plan.remote_args())
     ds.write_datasink(sink, ray_remote_args={"num_cpus": write_cpus})
     log.debug("caption: Ray Data stats:\n%s", ds.stats())
-    return sink.ok, sink.errors, sink.shards
+    return sink.ok, sink.errors, sink.retryable, sink.shards
 
 
-def plan_resources(config: CaptionConfig, *, total_cpus: float, total_gpus: float) -> tuple[ActorPlan, float, float]:
+def plan_resources(config: CaptionConfig, *, machine: Machine | None) -> tuple[ActorPlan, float, float]:
     """The captioners' plan and the CPU shares of a decode task and of a write task.
 
-    Every task asks for less than a whole CPU on a small machine: the captioners hold most of it, and
-    a task that needs more than what is left never starts (Ray Data then waits forever).
+    ``machine``: the local machine's resources, or None on a cluster (see ``capray.runtime``).
     """
-    decode_cpus, write_cpus = (0.4, 0.1) if total_cpus <= 4 else (1.0, 0.25)
-    plan = plan_actors(actors=config.actors, gpus_per_actor=config.gpus_per_actor, total_cpus=total_cpus,
-                       total_gpus=total_gpus, reserve_cpus=decode_cpus + write_cpus)
+    decode_cpus = task_cpus(machine, small=0.4, cluster=1.0)
+    write_cpus = task_cpus(machine, small=0.1, cluster=0.25)
+    plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
+                       cpus_per_actor=config.cpus_per_actor, machine=machine, reserve_cpus=decode_cpus + write_cpus)
     return plan, decode_cpus, write_cpus
 
 
@@ -418,7 +477,7 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
     """CPU task: the paths of listing units → decoded images; a failure is a row with ``error``, not an exception.
 
     Returns ``path``, ``image`` uint8 (N, S, S, 3) (zeros where decoding failed), ``width``, ``height``
-    int32 (0 on error), ``error`` ("" when fine).
+    int32 (0 on error), ``error`` ("" when fine) and ``retry`` (the error is transient: see ``RETRY``).
     """
     paths = []
     for uri, group in zip(batch[LISTING], batch[GROUP]):
@@ -428,27 +487,31 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-    errors = np.full(n, "", dtype=object)
+    errors, retry = np.full(n, "", dtype=object), np.zeros(n, dtype=bool)
     for i, data in enumerate(_prefetch(paths)):
         try:
             if isinstance(data, Exception):
                 raise data
             images[i], widths[i], heights[i] = decode_image(data, image_size)
-        except (ImageDecodeError, storage.StorageError) as exc:
+        except (ImageDecodeError, storage.StorageError, storage.TransientStorageError) as exc:
             errors[i] = str(exc) or type(exc).__name__
-    return {PATH: np.array(paths, dtype=object), IMAGE: images, WIDTH: widths, HEIGHT: heights, ERROR: errors}
+            retry[i] = isinstance(exc, storage.TransientStorageError)
+            if retry[i]:
+                log.warning("caption: %s (after the S3 client's retries); a re-run will caption it", errors[i])
+    return {PATH: np.array(paths, dtype=object), IMAGE: images, WIDTH: widths, HEIGHT: heights, ERROR: errors,
+            RETRY: retry}
 
 
-def _prefetch(uris: list[str]) -> Iterator[bytes | storage.StorageError]:
+def _prefetch(uris: list[str]) -> Iterator[bytes | storage.StorageError | storage.TransientStorageError]:
     """The objects' bytes in order, ``READ_THREADS`` reads in flight (S3 GETs wait on the network).
 
     Decoding stays on one thread: a decode task is sized for one CPU, and a few huge images decoded
-    at once could take gigabytes. A read that fails yields its ``StorageError`` instead of bytes.
+    at once could take gigabytes. A read that fails yields its exception instead of bytes.
     """
-    def read(uri: str) -> bytes | storage.StorageError:
+    def read(uri: str) -> bytes | storage.StorageError | storage.TransientStorageError:
         try:
             return storage.read_bytes(uri)
-        except storage.StorageError as exc:
+        except (storage.StorageError, storage.TransientStorageError) as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
@@ -511,7 +574,8 @@ class Captioner:
             WIDTH: pa.array(batch[WIDTH], pa.int32(), mask=~ok),
             HEIGHT: pa.array(batch[HEIGHT], pa.int32(), mask=~ok),
             ERROR: pa.array([e or None for e in errors], pa.string()),
-        }, schema=CAPTION_SCHEMA)
+            RETRY: pa.array(batch[RETRY], pa.bool_()),
+        }, schema=CAPTION_SCHEMA.append(pa.field(RETRY, pa.bool_())))
 
     def caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         """uint8 (B, H, W, 3) → B captions and their mean log-probability per token."""
@@ -566,23 +630,28 @@ class _ShardSink(Datasink):
     def __init__(self, output: str, *, run_id: str, metadata: dict[bytes, bytes], rows_per_shard: int):
         self.output, self.run_id, self.rows_per_shard = output, run_id, rows_per_shard
         self.schema = CAPTION_SCHEMA.with_metadata({**metadata, f"{META_PREFIX}run_id".encode(): run_id.encode()})
-        self.ok = self.errors = self.shards = 0
+        self.ok = self.errors = self.retryable = self.shards = 0
 
     def write(self, blocks, ctx) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        retryable = sum(int(pc.sum(t.column(RETRY)).as_py() or 0) for t in tables)
+        tables = [t.filter(pc.invert(t.column(RETRY))) for t in tables]  # not done: never written
         tables = [t.select(CAPTION_SCHEMA.names).cast(self.schema) for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "errors": 0, "shards": 0}
+            return {"rows": 0, "errors": 0, "retryable": retryable, "shards": 0}
         table = pa.concat_tables(tables)
         name = f"{SHARD_PREFIX}{self.run_id}-{ctx.task_idx:06d}.parquet"
         _write_parquet(storage.join(self.output, name), table)
-        return {"rows": table.num_rows, "errors": table.num_rows - table.column(ERROR).null_count, "shards": 1}
+        return {"rows": table.num_rows, "errors": table.num_rows - table.column(ERROR).null_count,
+                "retryable": retryable, "shards": 1}
 
     def on_write_complete(self, write_result) -> None:  # on the driver, once every write task is done
         returns = [r for r in write_result.write_returns if r]
         rows = sum(r["rows"] for r in returns)
         self.errors = sum(r["errors"] for r in returns)
         self.ok = rows - self.errors
+        self.retryable = sum(r["retryable"] for r in returns)
         self.shards = sum(r["shards"] for r in returns)
 
     @property

@@ -30,15 +30,35 @@ def _encoder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-layer", default="", help="node giving the regions (default: last conv stage)")
 
 
+def _actor_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--actors", type=int, default=0,
+                   help=f"a fixed number of {what} actors (default 0: a pool that scales with the work and the "
+                        "nodes that join; on a local machine one per GPU, else 1)")
+    p.add_argument("--max-actors", type=int, default=0, help="most actors a scaling pool grows to (default 0: no limit)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--cpus-per-actor", type=float, default=0.0,
+                   help="CPUs (and torch threads) per actor (default: 1 on a cluster, the spare cores locally)")
+    _wait_flag(p)
+
+
+def _wait_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-timeout", type=float, default=600.0,
+                   help="seconds to wait for the cluster to start the nodes the job needs (default 600)")
+
+
 def _prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--annotations", required=True, help="COCO captions JSON, Karpathy split JSON or JSONL manifest")
-    p.add_argument("--images", default=None, help="root of relative image paths (default: the annotations' folder)")
+    p.add_argument("--annotations", required=True, action="append",
+                   help="COCO captions JSON, Karpathy split JSON or JSONL manifest; repeat for several files")
+    p.add_argument("--images", action="append", default=[],
+                   help="root of relative image paths (default: the annotations' folder); repeat to pair with "
+                        "each --annotations in order")
     p.add_argument("--out", required=True, help="feature dataset location (path or s3://)")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="share of val images moved to a test split, by a hash of the image id (default 0)")
     _encoder_flags(p)
     p.add_argument("--vocab-size", type=int, default=5000)
     p.add_argument("--min-word-count", type=int, default=1)
-    p.add_argument("--actors", type=int, default=0, help="encoder actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    _actor_flags(p, "encoder")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits to prepare")
 
@@ -63,6 +83,9 @@ def _train(p: argparse.ArgumentParser) -> None:
                    help="captions sampled per image per epoch (default 0: all)")
     p.add_argument("--val-images", type=int, default=500, help="val images decoded per epoch for BLEU-4")
     p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=0.0,
+                   help="CPUs (and torch threads) per worker (default: 1 on a cluster, a share locally)")
+    _wait_flag(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # tests: RANK:STEP
 
@@ -73,11 +96,12 @@ def _caption(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--actors", type=int, default=0, help="captioner actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    _actor_flags(p, "captioner")
     p.add_argument("--extensions", default="jpg,jpeg,png,webp,bmp,gif,tif,tiff")
     p.add_argument("--max-length", type=int, default=20)
     p.add_argument("--overwrite", action="store_true", help="start over instead of skipping done images")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="caption again the images that have error rows in --output (their rows are replaced)")
 
 
 def _evaluate(p: argparse.ArgumentParser) -> None:
@@ -171,6 +195,9 @@ def job_main(command: str, argv: Sequence[str] | None = None) -> int:
 def setup_logging() -> None:
     level = os.environ.get("CAPRAY_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # botocore: "Found credentials in environment variables" per client; matplotlib: its font cache, once.
+    for chatty in ("botocore", "boto3", "urllib3", "matplotlib"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _dispatch(command: str, args: argparse.Namespace) -> None:
@@ -192,7 +219,11 @@ def _dispatch(command: str, args: argparse.Namespace) -> None:
     elif command == "caption":
         from capray.captioning import CaptionConfig, caption, print_summary
 
-        print_summary(caption(CaptionConfig.from_flags(**values)))
+        summary = caption(CaptionConfig.from_flags(**values))
+        print_summary(summary)
+        if summary.retryable:
+            raise IncompleteRun(f"{summary.retryable} image(s) could not be read for a transient reason "
+                                "(throttling, timeouts); run the same command again to caption them")
     elif command == "evaluate":
         from capray.evaluation import EvaluateConfig, evaluate, print_metrics
 
@@ -206,6 +237,10 @@ def _dispatch(command: str, args: argparse.Namespace) -> None:
         from capray.demo import run_demo
 
         run_demo(args.workdir, num_images=args.num_images, epochs=args.epochs)
+
+
+class IncompleteRun(Exception):
+    """A run that did what it could but left work that running it again will do (exit 1)."""
 
 
 def _one_line(exc: BaseException) -> str:

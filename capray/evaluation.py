@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from capray import storage
-from capray.annotations import read_annotations
+from capray.annotations import pair_sources, read_sources
 from capray.checkpoint import load_checkpoint
 from capray.features import load_prepare_info
 from capray.formats import CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RESULTS_FILE
@@ -93,10 +93,14 @@ def iter_feature_batches(uri: str, batch_size: int):
 
 def _object_accuracy(info: dict, ids: list[str], hypotheses: list[str]) -> float | None:
     """Share of captions naming exactly the right color+shape pairs, when the manifest has ground truth."""
-    annotations = info.get("config", {}).get("annotations")
-    if not annotations or not storage.exists(annotations):
+    config = info.get("config", {})
+    annotations, images = config.get("annotations") or [], config.get("images") or []
+    if isinstance(annotations, str):  # prepare.json of a dataset written before several files were allowed
+        annotations, images = [annotations], [images] if images else []
+    if not annotations or not all(storage.exists(a) for a in annotations):
         return None
-    objects = {r.image_id: r.objects for r in read_annotations(annotations, images=info["config"].get("images"))}
+    records = read_sources(pair_sources(annotations, images), test_fraction=config.get("test_fraction", 0.0))
+    objects = {r.image_id: r.objects for r in records}
     if any(objects.get(i) is None for i in ids):
         return None
     return object_accuracy(hypotheses, [objects[i] for i in ids])

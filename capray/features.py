@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -19,12 +20,12 @@ import torch
 from ray.data.datasource import FilenameProvider
 
 from capray import storage
-from capray.annotations import SPLITS, Record, read_annotations
-from capray.encoders import EncoderSpec, build_encoder
+from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray.encoders import WEIGHTS_IMAGENET, WEIGHTS_NONE, EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
-from capray.runtime import ModelThread, cluster_cpus, cluster_gpus, ensure_ray, plan_actors
+from capray.runtime import ActorPlan, ModelThread, ensure_ray, local_machine, plan_actors, wait_for_resources
 from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,28 @@ PIXELS = "pixels"
 DECODE_CPUS = 0.25
 """CPU share of a decode task: decoding a small image is light, and a share unlike the actors' keeps
 Ray Data from fusing decoding into the (GPU) actors, so decoding scales on CPU nodes."""
+DECODE_TASK_RETRIES = 10
+"""Ray retries of a decode task whose image read failed for a transient reason (after the S3 client's
+own retries). Past that the job fails (exit 1) without ``prepare.json``: it never shrinks the
+training set silently."""
+BATCHES_PER_BLOCK = 2
+"""Encoder batches per input block: the block count follows the data, not the nodes up at submit
+time, so decode tasks spread over nodes that join later."""
+MAX_BLOCKS = 10_000
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    annotations: str
-    """COCO captions JSON, Karpathy split JSON or JSONL manifest (URI)."""
+    annotations: tuple[str, ...]
+    """COCO captions JSON, Karpathy split JSON or JSONL manifest (URIs); several are read together,
+    e.g. COCO's ``captions_train2014.json`` and ``captions_val2014.json``."""
     out: str
     """Feature dataset location (URI)."""
-    images: str | None = None
-    """Root of relative image paths (default: the annotation file's folder)."""
+    images: tuple[str, ...] = ()
+    """Roots of relative image paths, paired with ``annotations`` in order (default: each annotation
+    file's folder)."""
+    test_fraction: float = 0.0
+    """Share of the val images moved to a test split, chosen by a hash of the image id (deterministic)."""
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     """Frozen encoder that makes the region features."""
     vocab_size: int = 5000
@@ -53,9 +66,16 @@ class PrepareConfig:
     max_caption_tokens: int = 40
     """Captions are truncated to this many tokens, ``<start>`` and ``<end>`` included."""
     actors: int = 0
-    """Encoder actors; 0 = one per GPU (with ``gpus_per_actor``), else one."""
+    """A fixed number of encoder actors; 0 lets the pool scale (on a cluster: from 1 up to
+    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
+    max_actors: int = 0
+    """Most encoder actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
     gpus_per_actor: float = 0.0
     """GPUs per encoder actor; 0 runs the encoder on CPU."""
+    cpus_per_actor: float = 0.0
+    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    wait_timeout: float = 600.0
+    """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     batch_size: int = 32
     """Images per encoder forward pass."""
     splits: tuple[str, ...] = SPLITS
@@ -64,6 +84,20 @@ class PrepareConfig:
     """Minimum rows per Parquet file (few larger files read back much faster than many tiny ones)."""
 
     def __post_init__(self):
+        # Resolved where the user typed them: Ray's workers run in another working directory.
+        annotations = (self.annotations,) if isinstance(self.annotations, str) else tuple(self.annotations)
+        images = (self.images,) if isinstance(self.images, str) else tuple(self.images or ())
+        object.__setattr__(self, "annotations", tuple(storage.normalize(a) for a in annotations))
+        object.__setattr__(self, "images", tuple(storage.normalize(i) for i in images))
+        object.__setattr__(self, "out", storage.normalize(self.out))
+        if self.encoder.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE):  # a state-dict URI
+            object.__setattr__(self, "encoder", replace(self.encoder, weights=storage.normalize(self.encoder.weights)))
+        pair_sources(self.annotations, self.images)  # raises if they do not pair
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        for name in ("actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not set(self.splits) <= set(SPLITS) or not self.splits:
@@ -73,9 +107,10 @@ class PrepareConfig:
 
     @classmethod
     def from_flags(cls, *, encoder: str, weights: str, image_size: int, encoder_layer: str, splits: str,
-                   **flags) -> "PrepareConfig":
+                   annotations: list[str], images: list[str] | None, **flags) -> "PrepareConfig":
         spec = EncoderSpec(name=encoder, weights=weights, image_size=image_size, layer=encoder_layer)
-        return cls(encoder=spec, splits=tuple(s for s in splits.split(",") if s), **flags)
+        return cls(encoder=spec, splits=tuple(s for s in splits.split(",") if s), annotations=tuple(annotations),
+                   images=tuple(images or ()), **flags)
 
 
 class Encoder:
@@ -109,7 +144,11 @@ class Encoder:
 
 
 def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.Table:
-    """CPU task: read each image's bytes and decode it; failures are recorded, not raised."""
+    """CPU task: read each image's bytes and decode it.
+
+    A permanent failure (missing object, undecodable bytes) is recorded and the image left out; a
+    transient one (throttling, a reset connection) raises, and Ray runs the task again.
+    """
     keep, pixels, failures = [], [], []
     for i, (image_id, uri) in enumerate(zip(batch[IMAGE_ID].to_pylist(), batch[IMAGE].to_pylist())):
         try:
@@ -127,32 +166,45 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
 
 
 def prepare(config: PrepareConfig) -> dict:
-    """Write ``OUT/{split}/part-*.parquet``, ``vocab.json``, ``encoder.pt`` and ``prepare.json``."""
+    """Write ``OUT/{split}/part-*.parquet``, ``vocab.json``, ``encoder.pt`` and ``prepare.json``.
+
+    Everything that can be checked is checked before the previous dataset is touched: the
+    annotations, the vocabulary, the encoder and its weights, the actors' resources. ``prepare.json``
+    (the "done" marker) is removed first and written last.
+    """
     started = time.perf_counter()
-    storage.check_bucket(config.annotations)
-    storage.check_bucket(config.out)
-    records = read_annotations(config.annotations, images=config.images)
+    for uri in (*config.annotations, config.out):
+        storage.check_bucket(uri)
+    records = read_sources(pair_sources(config.annotations, config.images), test_fraction=config.test_fraction)
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
     train_captions = [c for r in records if r.split == "train" for c in r.captions]
     if not train_captions:
-        raise ValueError(f"{config.annotations}: the train split has no captions to build a vocabulary from")
+        raise ValueError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
+                         "vocabulary from")
     vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
-    for split in config.splits:  # a re-run replaces the dataset rather than adding to it
-        storage.delete_dir(storage.join(config.out, split))
-    errors_dir = storage.join(config.out, ERRORS_DIR)
-    storage.delete_dir(errors_dir)
-    storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), _state_bytes(encoder.state_dict()))
-    vocab.save(storage.join(config.out, VOCAB_FILE))
+    encoder_state = _state_bytes(encoder.state_dict())
     del encoder
 
     ensure_ray()
-    plan = plan_actors(actors=config.actors, gpus_per_actor=config.gpus_per_actor,
-                       total_cpus=cluster_cpus(), total_gpus=cluster_gpus())
-    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %d actor(s) × %.2f CPU, %.2f GPU",
+    machine = local_machine()
+    plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
+                       cpus_per_actor=config.cpus_per_actor, machine=machine)
+    if machine is None:  # a cluster: the first encoder actor may need a node that is not up yet
+        wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="prepare")
+
+    # Every check passed: only now is the previous dataset replaced, its "done" marker first.
+    storage.delete_file(storage.join(config.out, PREPARE_FILE))
+    for split in SPLITS:
+        storage.delete_dir(storage.join(config.out, split))
+    errors_dir = storage.join(config.out, ERRORS_DIR)
+    storage.delete_dir(errors_dir)
+    storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
+    vocab.save(storage.join(config.out, VOCAB_FILE))
+    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s",
              len(records), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), spec.name,
-             spec.image_size, config.out, plan.actors, plan.num_cpus, plan.num_gpus)
+             spec.image_size, config.out, plan.describe())
     splits, encode_seconds = {}, 0.0
     for split, split_records in by_split.items():
         if not split_records:
@@ -168,6 +220,9 @@ def prepare(config: PrepareConfig) -> dict:
         log.info("prepare: %s: %d images in %.1f s", split, written, seconds)
     errors = _collect_errors(errors_dir)
     total_written = sum(s["images"] for s in splits.values())
+    if total_written + len(errors) != len(records):  # every image is a row or a listed error, nothing else
+        raise RuntimeError(f"prepare: {len(records)} images in, {total_written} written + {len(errors)} "
+                           "failed out; prepare.json not written")
     summary = {
         "encoder": spec.to_dict(),
         "num_regions": num_regions,
@@ -180,7 +235,7 @@ def prepare(config: PrepareConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
         "images_per_s": round(total_written / max(encode_seconds, 1e-9), 2),
-        "actors": plan.actors,
+        "actors": {"min": plan.min_actors, "max": plan.max_actors},
         "batch_size": config.batch_size,
         "out": config.out,
         "config": {k: v for k, v in asdict(config).items() if k != "encoder"},
@@ -190,7 +245,7 @@ def prepare(config: PrepareConfig) -> dict:
 
 
 def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, config: PrepareConfig,
-                  plan, out: str, errors_dir: str) -> None:
+                  plan: ActorPlan, out: str, errors_dir: str) -> None:
     import ray
 
     table = pa.table({
@@ -200,17 +255,18 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
         TOKENS: pa.array([[vocab.encode(c, max_length=config.max_caption_tokens) for c in r.captions]
                           for r in records], pa.list_(pa.list_(pa.int32()))),
     })
-    # Enough blocks that decoding spreads over the cluster, few enough that per-block overhead stays small.
-    num_blocks = max(1, min(len(records) // config.batch_size, 4 * int(cluster_cpus()) + 4))
-    ds = ray.data.from_arrow([table.slice(i * len(table) // num_blocks, (i + 1) * len(table) // num_blocks
-                                          - i * len(table) // num_blocks) for i in range(num_blocks)])
+    num_blocks = max(1, min(MAX_BLOCKS, math.ceil(len(records) / (BATCHES_PER_BLOCK * config.batch_size))))
+    bounds = [i * len(table) // num_blocks for i in range(num_blocks + 1)]
+    ds = ray.data.from_arrow([table.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])])
     ds = ds.map_batches(read_and_decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir},
-                        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+                        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                        max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+    if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
+        plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,
                                                        "threads": plan.threads},
-                        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, num_blocks)),
-                        batch_size=config.batch_size,
-                        batch_format="pyarrow", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+                        compute=plan.strategy(), batch_size=config.batch_size, batch_format="pyarrow",
+                        **plan.remote_args())
     ds.write_parquet(out, min_rows_per_file=config.rows_per_file, filename_provider=_PartNames())
 
 

@@ -1,16 +1,34 @@
-"""Connecting to Ray and sizing actors and workers from the cluster's resources.
+"""Connecting to Ray, and sizing actors, tasks and workers for where the job runs.
 
-On a 2-core machine two actors at the default 1 CPU each take both cores and the read tasks
-feeding them never run (a silent hang), so CPU shares are derived from what the cluster has.
+Two worlds, sized differently:
+
+- **Local** (no ``RAY_ADDRESS``: capray starts Ray in-process on this machine). The world is this one
+  machine and will not grow, so shares are derived from its CPUs. On a 2-core machine two actors at
+  1 CPU each take both cores and the read tasks feeding them never run (a silent hang), hence the
+  fractional shares here — and only here.
+- **Cluster** (``RAY_ADDRESS`` set, as ``ray job submit`` does). Nodes come and go: the head may
+  have 0 CPUs, GPU nodes appear minutes after the job starts, spot nodes vanish. Nothing is sized
+  from what is up at submit time or from the cluster's total: every actor and task asks for a
+  fixed amount that one node can give (``--cpus-per-actor``, default 1 CPU), actor pools scale
+  between a minimum and a maximum as work queues up, and the job waits (bounded, with a log line)
+  until the autoscaler has made room for its minimum.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+WAIT_LOG_EVERY_S = 30.0
+"""While waiting for the autoscaler, a progress line this often."""
+
+
+class ResourceWaitTimeout(TimeoutError):
+    """The cluster did not make room for a job's minimum within ``--wait-timeout`` (exit 1: retry later)."""
 
 
 def ensure_ray(*, dashboard: bool = False) -> None:
@@ -25,69 +43,188 @@ def ensure_ray(*, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or "local"
     local = {}
-    if address == "local":
+    if is_local():
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
         # (about a CPU-second each, stolen from the model). Keep a few more.
         local = {"include_dashboard": dashboard,
                  "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
+    address = "local" if is_local() else os.environ["RAY_ADDRESS"]
     ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
-    log.info("Ray: %s (%s CPUs, %s GPUs)", "local" if address == "local" else address,
-             ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    log.info("Ray: %s (%g CPUs, %g GPUs up now)", "local" if is_local() else address,
+             resources.get("CPU", 0), resources.get("GPU", 0))
 
 
-def cluster_cpus() -> float:
+def is_local() -> bool:
+    """Whether the job runs on a Ray that capray starts in-process on this machine (no ``RAY_ADDRESS``)."""
+    return os.environ.get("RAY_ADDRESS", "") in ("", "local")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The one machine of a local Ray: a fixed world whose size is known."""
+
+    cpus: float
+    gpus: float
+
+
+def local_machine() -> Machine | None:
+    """This machine's resources when the job runs locally (see ``is_local``), else None (a cluster)."""
+    if not is_local():
+        return None
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 1.0))
-
-
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    resources = ray.cluster_resources()
+    return Machine(cpus=float(resources.get("CPU", 1.0)), gpus=float(resources.get("GPU", 0.0)))
 
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How many model actors, and what each asks Ray for."""
+    """How many model actors, and what each one asks Ray for."""
 
-    actors: int
+    min_actors: int
+    """Actors the pool starts with and never goes below."""
+    max_actors: int | None
+    """Actors the pool may grow to as work queues up; None: no limit (the cluster's node caps bound it)."""
     num_cpus: float
+    """CPUs each actor asks for."""
     num_gpus: float
+    """GPUs each actor asks for."""
     threads: int
     """torch threads per actor (CPU inference)."""
 
+    def strategy(self):
+        """Ray Data's compute strategy for the pool."""
+        import ray.data
 
-def plan_actors(*, actors: int, gpus_per_actor: float, total_cpus: float, total_gpus: float,
-                reserve_cpus: float = 1.0) -> ActorPlan:
-    """Actor count and resources: one per GPU by default, else one; CPU shares leave room for decoding.
+        if self.min_actors == self.max_actors:
+            return ray.data.ActorPoolStrategy(size=self.min_actors)
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors)
 
-    ``reserve_cpus`` is kept free for the CPU tasks that read and decode images.
+    def remote_args(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def bundle(self) -> dict[str, float]:
+        """What one actor needs from one node."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {})}
+
+    def describe(self) -> str:
+        count = (f"{self.min_actors}" if self.min_actors == self.max_actors
+                 else f"{self.min_actors}..{self.max_actors or 'any'}")
+        gpus = f" + {self.num_gpus:g} GPU" if self.num_gpus else f", {self.threads} thread(s)"
+        return f"{count} actor(s) × {self.num_cpus:g} CPU{gpus}"
+
+
+def plan_actors(*, actors: int, max_actors: int, gpus_per_actor: float, cpus_per_actor: float,
+                machine: Machine | None, reserve_cpus: float = 1.0) -> ActorPlan:
+    """The model actors of a job: a fixed pool on a local machine, an autoscaling one on a cluster.
+
+    ``actors`` > 0 fixes the pool size; 0 lets it scale: on a cluster between 1 and ``max_actors``
+    (0: no limit), on a local machine one per GPU (else one). ``cpus_per_actor`` 0 means the default:
+    1 CPU per actor on a cluster (a share any node can give; the pool scales out instead of up), and
+    on a local machine what is left after ``reserve_cpus`` for the decode tasks.
     """
-    if actors < 0 or gpus_per_actor < 0:
-        raise ValueError("--actors and --gpus-per-actor must not be negative")
-    if gpus_per_actor > 0 and total_gpus < gpus_per_actor:
-        raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the cluster has {total_gpus:g} GPUs")
+    if actors < 0 or max_actors < 0 or gpus_per_actor < 0 or cpus_per_actor < 0:
+        raise ValueError("--actors, --max-actors, --gpus-per-actor and --cpus-per-actor must not be negative")
+    if actors and max_actors and max_actors < actors:
+        raise ValueError(f"--max-actors {max_actors} is below --actors {actors}")
+    if machine is None:
+        num_cpus = cpus_per_actor or 1.0
+        threads = 1 if gpus_per_actor else max(1, int(num_cpus))
+        return ActorPlan(min_actors=actors or 1, max_actors=actors or max_actors or None, num_cpus=num_cpus,
+                         num_gpus=gpus_per_actor, threads=threads)
+    if gpus_per_actor > 0 and machine.gpus < gpus_per_actor:
+        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} but this machine has {machine.gpus:g} GPUs "
+                         "(set RAY_ADDRESS to use a cluster)")
     if actors == 0:
-        actors = max(1, int(total_gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
-    if gpus_per_actor > 0 and actors * gpus_per_actor > total_gpus:
-        raise ValueError(f"{actors} actors × {gpus_per_actor:g} GPUs exceed the cluster's {total_gpus:g} GPUs")
-    if gpus_per_actor > 0:
-        # GPU actors need a little CPU for batching and host-to-device copies, no more.
-        num_cpus = min(1.0, max(0.25, (total_cpus - reserve_cpus) / actors))
+        actors = max(1, int(machine.gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
+    if gpus_per_actor > 0 and actors * gpus_per_actor > machine.gpus:
+        raise ValueError(f"{actors} actors × {gpus_per_actor:g} GPUs exceed this machine's {machine.gpus:g} GPUs")
+    if cpus_per_actor:
+        num_cpus = cpus_per_actor
+    elif gpus_per_actor > 0:  # GPU actors need a little CPU for batching and host-to-device copies
+        num_cpus = min(1.0, max(0.25, (machine.cpus - reserve_cpus) / actors))
     else:
-        num_cpus = max(0.25, min(float(max(1, int(total_cpus))), (total_cpus - reserve_cpus) / actors))
-        num_cpus = min(num_cpus, max(0.25, total_cpus / actors))
-    threads = max(1, int(round(num_cpus))) if gpus_per_actor == 0 else 1
-    return ActorPlan(actors=actors, num_cpus=round(num_cpus, 2), num_gpus=gpus_per_actor, threads=threads)
+        num_cpus = max(0.25, min(float(max(1, int(machine.cpus))), (machine.cpus - reserve_cpus) / actors))
+        num_cpus = min(num_cpus, max(0.25, machine.cpus / actors))
+    if actors * num_cpus > machine.cpus:
+        raise ValueError(f"{actors} actors × {num_cpus:g} CPUs exceed this machine's {machine.cpus:g} CPUs")
+    threads = 1 if gpus_per_actor else max(1, int(round(num_cpus)))
+    return ActorPlan(min_actors=actors, max_actors=actors, num_cpus=round(num_cpus, 2), num_gpus=gpus_per_actor,
+                     threads=threads)
 
 
-def cpus_per_worker(*, workers: int, total_cpus: float, reserve_cpus: float = 1.0) -> float:
-    """CPU share of a Ray Train worker: at most 1, fractional when the cluster is small."""
-    return round(max(0.25, min(1.0, (total_cpus - reserve_cpus) / workers)), 2)
+def task_cpus(machine: Machine | None, *, small: float, cluster: float) -> float:
+    """CPU share of a CPU task (decode, write): ``small`` on a local machine of ≤ 4 cores, else ``cluster``.
+
+    On a small machine the model actors hold most of it, and a task that asks for more than what is
+    left never starts (Ray Data then waits forever).
+    """
+    return small if machine is not None and machine.cpus <= 4 else cluster
+
+
+def worker_cpus(*, workers: int, machine: Machine | None, reserve_cpus: float = 1.0) -> float:
+    """CPU share of a Ray Train worker: 1 on a cluster; on a small local machine a fraction of it."""
+    if machine is None:
+        return 1.0
+    return round(max(0.25, min(1.0, (machine.cpus - reserve_cpus) / workers)), 2)
+
+
+def wait_for_resources(bundles: list[dict[str, float]], *, timeout_s: float, what: str) -> None:
+    """Block until the cluster can hold ``bundles`` together, asking the autoscaler for them meanwhile.
+
+    A pending placement group is demand the autoscaler acts on (it launches nodes of a type that
+    fits), and its ``wait`` tells when the room is there. The group is removed at once: the job's own
+    actors and workers then take the room. Raises ``ResourceWaitTimeout`` after ``timeout_s``.
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if not bundles:
+        return
+    group = placement_group(bundles, strategy="PACK")
+    started = time.monotonic()
+    try:
+        if group.wait(timeout_seconds=1):
+            return
+        log.info("%s: waiting up to %.0f s for %d × %s (the autoscaler starts nodes for it)",
+                 what, timeout_s, len(bundles), _bundle_text(bundles[0]))
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            if left <= 0:
+                raise ResourceWaitTimeout(
+                    f"{what}: the cluster had no room for {len(bundles)} × {_bundle_text(bundles[0])} after "
+                    f"{timeout_s:.0f} s; check that a node type of the cluster has these resources "
+                    f"(or raise --wait-timeout)")
+            if group.wait(timeout_seconds=min(WAIT_LOG_EVERY_S, left)):
+                log.info("%s: resources ready after %.0f s", what, time.monotonic() - started)
+                return
+            log.info("%s: still waiting for resources (%.0f s)", what, time.monotonic() - started)
+    finally:
+        remove_placement_group(group)
+
+
+def wait_for_actors_to_exit(class_name: str, *, timeout_s: float) -> None:
+    """Give actors of ``class_name`` up to ``timeout_s`` to exit on their own.
+
+    Ray Train's detached ``PlacementGroupCleaner`` is told to stop when ``fit()`` returns but exits a
+    moment later; a local Ray torn down in between makes its monitor thread print a traceback on the
+    user's console. Asks the GCS, not the State API (which needs the dashboard).
+    """
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [a for a in actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+        if not alive:
+            return
+        time.sleep(0.2)
+    log.debug("%d %s actor(s) still alive after %.0f s", len(alive), class_name, timeout_s)
+
+
+def _bundle_text(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 
 
 class ModelThread:

@@ -11,7 +11,7 @@ Errors, the rule: an ``OSError`` or S3 error out of this module is one of two ki
 
 - ``TransientStorageError`` (an ``OSError``, not a ``ValueError``): what running the same command
   again can fix. Throttling (503 SlowDown, 429), 5xx answers, timeouts, refused or reset
-  connections, after the S3 clients' own retries (``S3_MAX_ATTEMPTS``) have given up.
+  connections, after the S3 clients' own retries (``S3_MAX_ATTEMPTS``, or ``AWS_MAX_ATTEMPTS``) have given up.
 - ``StorageError`` (a ``ValueError``: the command line exits 2, "fix it"): everything else. A
   missing object or file ("no such file"), a missing bucket, access denied, bad credentials, a local
   path that is not a folder, invalid JSON.
@@ -89,7 +89,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     bucket, key = _bucket_and_key(uri)
-    return _remote_filesystem(bucket, _s3_endpoint(), S3_MAX_ATTEMPTS), f"{bucket}/{key}" if key else bucket
+    return _remote_filesystem(bucket, _s3_endpoint(), max_attempts()), f"{bucket}/{key}" if key else bucket
 
 
 def _bucket_and_key(uri: str) -> tuple[str, str]:
@@ -104,6 +104,18 @@ def _bucket_and_key(uri: str) -> tuple[str, str]:
     if scheme != "s3":
         raise StorageError(f"{uri}: unsupported scheme {scheme}:// (locations are local paths or s3:// URIs)")
     return bucket, key.rstrip("/")
+
+
+def max_attempts() -> int:
+    """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` (the AWS SDKs' own variable) or ``S3_MAX_ATTEMPTS``."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    try:
+        attempts = int(value) if value else S3_MAX_ATTEMPTS
+    except ValueError:
+        raise StorageError(f"AWS_MAX_ATTEMPTS must be a whole number, got {value!r}") from None
+    if attempts < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS must be at least 1, got {attempts}")
+    return attempts
 
 
 def _s3_endpoint() -> str:
@@ -143,7 +155,7 @@ def _s3_client():
     from botocore.config import Config
 
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
-    config = Config(retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS})  # first call included
+    config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts()})  # first call included
     return boto3.session.Session().client("s3", endpoint_url=_s3_endpoint() or None, region_name=region,
                                           config=config)
 

@@ -80,13 +80,21 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """Best checkpoints kept (by validation BLEU-4); the latest is always kept for resuming."""
     cpus_per_worker: float = 0.0
-    """CPUs per Train worker; 0 derives it from the cluster (fractional on small machines)."""
+    """CPUs per Train worker (also its torch threads on CPU); 0: 1 on a cluster, a fraction on a small
+    local machine."""
+    wait_timeout: float = 600.0
+    """Seconds to wait for the cluster to make room for every worker (GPU nodes take minutes to start)."""
     seed: int = 0
     """Seed of the decoder's initialisation and the data order."""
     inject_fault: str = ""
     """Test-only: ``RANK:STEP`` makes that rank exit at that global step, once per run."""
 
     def __post_init__(self):
+        # Resolved where the user typed them: Train workers run in Ray's working directory, not the user's.
+        object.__setattr__(self, "features", storage.normalize(self.features))
+        object.__setattr__(self, "out", storage.normalize(self.out))
+        if self.cpus_per_worker < 0 or self.wait_timeout < 0:
+            raise ValueError("--cpus-per-worker and --wait-timeout must not be negative")
         if self.captions_per_image < 0:
             raise ValueError(f"--captions-per-image must be >= 0, got {self.captions_per_image}")
         for name in ("workers", "epochs", "batch_size", "max_length", "val_images", "stats_images"):
@@ -392,7 +400,7 @@ def train(config: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from capray.features import load_prepare_info
-    from capray.runtime import cluster_cpus, cpus_per_worker, ensure_ray
+    from capray.runtime import ensure_ray, local_machine, wait_for_actors_to_exit, wait_for_resources, worker_cpus
 
     started = time.perf_counter()
     info = load_prepare_info(config.features)
@@ -414,6 +422,13 @@ def train(config: TrainConfig) -> dict:
         log.info("resuming run %s from epoch %d (%d checkpoint(s) in %s); training continues up to epoch %d",
                  config.name, latest["epoch"] + 1, len(previous), run_dir, config.epochs)
     ensure_ray(dashboard=True)
+    machine = local_machine()
+    cpus = config.cpus_per_worker or worker_cpus(workers=config.workers, machine=machine)
+    worker = {"CPU": cpus, **({"GPU": 1} if config.gpu else {})}
+    if machine is not None and config.gpu and machine.gpus < config.workers:
+        raise ValueError(f"--gpu with {config.workers} workers but this machine has {machine.gpus:g} GPUs")
+    if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
+        wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
     train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
     val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
     if _fits_in_object_store(info):
@@ -421,7 +436,6 @@ def train(config: TrainConfig) -> dict:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     mean, std = feature_statistics(train_ds, max_images=config.stats_images)
     train_images = info["splits"]["train"]["images"]
-    cpus = config.cpus_per_worker or cpus_per_worker(workers=config.workers, total_cpus=cluster_cpus())
     loop_config = {
         "train": asdict(config),
         "vocab": vocab.words,
@@ -438,8 +452,7 @@ def train(config: TrainConfig) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=worker),
         run_config=RunConfig(
             name=config.name, storage_path=_storage_path(config.out),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
@@ -451,6 +464,8 @@ def train(config: TrainConfig) -> dict:
     log.info("train: %d worker(s) × %.2f CPU%s, %d train images, epochs → %d, run %s",
              config.workers, cpus, " + 1 GPU" if config.gpu else "", train_images, config.epochs, run_dir)
     result = trainer.fit()
+    if machine is not None:  # this process's Ray ends with it: let Ray Train's helpers stop first
+        wait_for_actors_to_exit("PlacementGroupCleaner", timeout_s=10)
     if result.error:
         raise result.error
     return _summary(run_dir, config, result.metrics or {}, resumed=bool(previous),
@@ -484,5 +499,5 @@ def _fits_in_object_store(info: dict, *, fraction: float = 0.25) -> bool:
 
 
 def _storage_path(out: str) -> str:
-    """Ray Train wants an absolute local path or a URI."""
-    return storage.normalize(out)
+    """Ray Train wants an absolute local path or a URI (``out`` is normalised already)."""
+    return out

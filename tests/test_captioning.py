@@ -34,6 +34,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import SPECIALS, Vocabulary
+from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -177,11 +178,11 @@ def test_config_rejects_bad_values(bad):
 
 
 def test_print_summary_is_one_table(capsys):
-    print_summary(CaptionSummary(total=10, ok=7, errors=1, skipped=2, wall_seconds=4.0, images_per_s=2.0,
-                                 output="s3://b/out", run_id="r", shards=1))
+    print_summary(CaptionSummary(total=10, ok=6, errors=1, skipped=2, retryable=1, wall_seconds=4.0,
+                                 images_per_s=2.0, output="s3://b/out", run_id="r", shards=1))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["images", "ok", "errors", "skipped", "wall", "s", "images/s"]
-    assert lines[1].split() == ["10", "7", "1", "2", "4.0", "2.0"]
+    assert lines[0].split() == ["images", "ok", "errors", "skipped", "retry", "wall", "s", "images/s"]
+    assert lines[1].split() == ["10", "6", "1", "2", "1", "4.0", "2.0"]
 
 
 def test_read_and_decode_keeps_a_row_for_every_path(tmp_path):
@@ -348,9 +349,8 @@ def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, check
     before = read_output(str(output)).column("path").to_pylist()
     assert 2 <= len(before) < len(names), job.stderr.read().decode()[-2000:]  # killed mid-run
     assert not (output / SUMMARY_FILE).exists()
-    # What a kill can leave on a local disk: a temporary file, and a shard that is not whole.
+    # What a kill can leave on a local disk: a temporary file (a shard itself only ever appears whole).
     (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").write_bytes(b"PAR1 half")
-    (output / "part-20260101T000000-abcdef-000009.parquet").write_bytes(b"PAR1 half a shard")
 
     summary = caption(CaptionConfig(input=f"{s3_bucket}/in", output=str(output), checkpoint=checkpoint,
                                     batch_size=2, max_length=3, rows_per_shard=2))
@@ -358,8 +358,22 @@ def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, check
     paths = read_output(str(output)).column("path").to_pylist()
     assert sorted(paths) == sorted(f"{s3_bucket}/in/{n}" for n in names)
     assert (summary.skipped, summary.ok + summary.errors) == (len(set(before)), len(names) - len(set(before)))
-    assert not (output / "part-20260101T000000-abcdef-000009.parquet").exists()
     assert not (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").exists()
+
+
+def test_an_unreadable_shard_stops_the_run_and_is_never_deleted(tmp_path, checkpoint):
+    """Resume must not turn one failed read into lost captions: the shard stays, the user decides."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(plain_images()["plain/deeper/still deeper/dog.png"])
+    output = tmp_path / "out"
+    output.mkdir()
+    stranger = output / "part-20260101T000000-abcdef-000009.parquet"
+    stranger.write_bytes(b"PAR1 not a shard")
+
+    with pytest.raises(ValueError, match="not a caption shard"):
+        caption(CaptionConfig(input=str(images), output=str(output), checkpoint=checkpoint))
+    assert stranger.read_bytes() == b"PAR1 not a shard"
 
 
 # --- bad configuration: exit 2, one line on stderr, before Ray starts -----------------------------------
@@ -406,3 +420,70 @@ def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, ba
     assert len(lines) == 1 and lines[0].startswith("capray caption: error: "), result.stderr
     assert not os.listdir(env["RAY_TMPDIR"]), "Ray was started"
     assert time.monotonic() - started < 60
+
+
+# --- transient failures: retried, never recorded as done; --retry-errors -------------------------------
+
+def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucket, checkpoint, job_env,
+                                                                         faulty_s3):
+    """S3 throttles some objects past the client's retries: exit 1, no rows for them; healed, a re-run
+    adds exactly those. Objects that throttle only briefly are retried by the client and captioned."""
+    good = {f"img-{i:02d}.png": _encode(Image.fromarray(_rgb(seed=i)), "PNG") for i in range(12)}
+    broken = {"broken.png": b"\x89PNG\r\n\x1a\n not really"}
+    put_objects(s3_bucket, "in", {**good, **broken})
+    stuck, brief = [f"in/img-{i:02d}.png" for i in range(4)], [f"in/img-{i:02d}.png" for i in range(4, 7)]
+    faulty_s3.configure(FaultPlan(get_keys=keys(stuck), get_failures=ALWAYS))
+    # 3 attempts per request (the AWS SDKs' variable) so that giving up takes seconds, not a minute.
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "3", "CAPRAY_LOG_LEVEL": "ERROR"}
+    command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
+               "--output", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3"]
+
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "run the same command again" in first.stderr.strip().splitlines()[-1]
+    rows = read_output(f"{s3_bucket}/out").to_pylist()
+    paths = sorted(r["path"] for r in rows)
+    assert paths == sorted(f"{s3_bucket}/in/{k}" for k in {**good, **broken} if f"in/{k}" not in stuck)
+    assert [r["path"] for r in rows if r["error"]] == [f"{s3_bucket}/in/broken.png"]  # permanent: a row
+    assert storage.read_json(f"{s3_bucket}/out/{SUMMARY_FILE}")["retryable"] == len(stuck)
+    injected = faulty_s3.counts["injected"]
+    assert injected >= len(stuck) * 2  # the client did retry before giving up
+
+    faulty_s3.configure(FaultPlan(get_keys=keys(stuck + brief), get_failures=2))  # recovering: brief hiccups
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = read_output(f"{s3_bucket}/out").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{k}" for k in {**good, **broken})
+    assert all(r["caption"] for r in rows if r["path"] != f"{s3_bucket}/in/broken.png")
+    summary = storage.read_json(f"{s3_bucket}/out/{SUMMARY_FILE}")
+    assert (summary["ok"], summary["errors"], summary["retryable"], summary["skipped"]) == (
+        len(stuck), 0, 0, len(good) + len(broken) - len(stuck))
+    print(f"\ntransient S3 failures: {injected} injected 503s in the first run ({len(stuck)} objects throttled "
+          f"past the client's retries → exit 1, {len(rows) - len(stuck)} rows); second run "
+          f"{faulty_s3.counts['injected'] - injected} more → {len(rows)} rows, each image once")
+
+
+def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_path, checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(_rgb(seed=i)).save(images / f"img-{i}.png")
+    (images / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n still uploading")
+    config = CaptionConfig(input=str(images), output=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=4,
+                           max_length=3)
+    caption(config)
+    assert [r["path"] for r in read_output(config.output).to_pylist() if r["error"]] == [str(images / "late.png")]
+
+    Image.fromarray(_rgb(seed=9)).save(images / "late.png")  # the upload completed
+    plain_rerun = caption(config)
+    assert (plain_rerun.ok, plain_rerun.errors, plain_rerun.skipped) == (0, 0, 7)  # an error row counts as done
+
+    summary = caption(CaptionConfig(**{**config.__dict__, "retry_errors": True}))
+
+    rows = read_output(config.output).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(images / f"img-{i}.png") for i in range(6)) + [
+        str(images / "late.png")]
+    assert all(r["error"] is None and r["caption"] for r in rows)
+    assert (summary.ok, summary.errors, summary.skipped) == (1, 0, 6)

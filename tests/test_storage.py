@@ -423,3 +423,13 @@ def test_normalize(tmp_path, monkeypatch):
     assert storage.normalize("/data/x/../y/") == "/data/y"
     assert storage.normalize("rel/dir") == str(tmp_path / "rel" / "dir")
     assert storage.normalize("file:///data/x") == "/data/x"
+
+
+def test_aws_max_attempts_sets_the_attempts_of_both_clients(monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert storage.max_attempts() == 3
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    assert storage.max_attempts() == storage.S3_MAX_ATTEMPTS
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(storage.StorageError, match="AWS_MAX_ATTEMPTS"):
+        storage.max_attempts()

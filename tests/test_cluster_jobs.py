@@ -1,0 +1,190 @@
+"""capray's jobs on an autoscaling multi-node cluster shaped like cluster.yaml (tests/fakecluster.py).
+
+The head has 0 CPUs and no worker node is up when a job starts: every job must ask for what it needs,
+wait for the autoscaler, and finish on nodes that join later. Nodes are lost on purpose (their raylet
+SIGKILLed, as when a spot instance is reclaimed) during training and during captioning.
+
+The jobs run as `ray job submit` runs them: `python jobs/<job>.py ...` with RAY_ADDRESS set.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from capray.synth import SynthConfig, generate
+from fakecluster import FakeCluster
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+NODE_TYPES = {
+    "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
+    "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
+}
+SMALL_DECODER = ["--embed-dim", "32", "--hidden-dim", "64", "--projection-dim", "32", "--attention-dim", "32",
+                 "--batch-size", "16", "--val-images", "20", "--lr", "3e-3"]
+
+
+def _job(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / f"{name}.py"), *args]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    with FakeCluster(NODE_TYPES, tmp=tmp_path_factory.mktemp("cluster"), idle_timeout_s=15.0) as cluster:
+        yield cluster
+        print(f"\nfake cluster timeline:\n{cluster.timeline_text()}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("world")
+    manifest = generate(str(root / "shapes"), SynthConfig(num_images=240, seed=5, image_size=64))
+    return {"root": root, "manifest": manifest, "features": str(root / "features"), "runs": str(root / "runs")}
+
+
+def _start(cluster: FakeCluster, argv: list[str], log: Path):
+    """A job in the background, its output in ``log`` (a pipe nobody reads would stall it)."""
+    with open(log, "w") as out:
+        return cluster.popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(job, log: Path, *, timeout: float) -> str:
+    job.wait(timeout=timeout)
+    return log.read_text()
+
+
+def _workers_on(cluster: FakeCluster, class_fragment: str) -> set[str]:
+    """Node ids where alive actors whose class name contains ``class_fragment`` run (asked of the GCS:
+    the fake cluster runs no dashboard, so the State API is not there)."""
+    code = textwrap.dedent(f"""
+        import json, ray
+        from ray._private.state import actors
+        ray.init(log_to_driver=False)
+        print(json.dumps(sorted({{a["Address"]["NodeID"] for a in actors().values()
+                                 if a["State"] == "ALIVE" and {class_fragment!r} in a["ActorClassName"]}})))
+    """)
+    result = cluster.python(code, timeout=60, check=False)
+    lines = result.stdout.strip().splitlines()
+    return set(json.loads(lines[-1])) if result.returncode == 0 and lines else set()
+
+
+def _kill_a_node_running(cluster: FakeCluster, job, class_fragment: str, *, ready, timeout: float) -> str:
+    """Once ``ready()`` holds, SIGKILL the raylet of a node where such an actor runs; returns its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job ended before a node could be lost:\n{cluster.report()}"
+        if ready():
+            nodes = _workers_on(cluster, class_fragment)
+            if nodes:
+                victim = sorted(nodes)[0]
+                cluster.kill_node(victim)
+                return victim
+        time.sleep(1.0)
+    raise AssertionError(f"no {class_fragment} actor to take down within {timeout} s:\n{cluster.report()}")
+
+
+def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world):
+    cluster.wait_for_workers(0, timeout=120)
+    result = cluster.run(_job("prepare", "--annotations", world["manifest"], "--out", world["features"],
+                              "--encoder", "efficientnet_lite0", "--image-size", "64", "--batch-size", "16",
+                              "--vocab-size", "100"), timeout=600)
+    assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
+    info = json.loads(Path(world["features"], "prepare.json").read_text())
+    assert info["num_images"] == 240 and info["num_errors"] == 0
+    assert [n for n in cluster.nodes() if not n.is_head], "no worker node was launched"
+
+
+def test_train_scales_up_and_resumes_after_losing_a_node(cluster, world):
+    if not Path(world["features"], "prepare.json").exists():
+        pytest.skip("needs the features of the prepare test")
+    cluster.wait_for_workers(0, timeout=120)
+    run_dir = Path(world["runs"], "lost")
+    log = Path(world["root"], "train.log")
+    job = _start(cluster, _job("train", "--features", world["features"], "--out", world["runs"], "--name", "lost",
+                               "--workers", "2", "--epochs", "40", "--max-failures", "3", *SMALL_DECODER), log)
+
+    victim = _kill_a_node_running(cluster, job, "RayTrainWorker",
+                                  ready=lambda: bool(list(run_dir.glob("checkpoint_*/train_state.json"))),
+                                  timeout=400)
+    output = _finish(job, log, timeout=600)
+
+    assert job.returncode == 0, cluster.report() + output[-3000:]
+    assert not cluster.node(victim).alive
+    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
+    last = max(states, key=lambda s: s["epoch"])
+    assert last["epoch"] == 39  # all 40 epochs
+    assert last["resumed_from_epoch"] >= 1  # the group restarted from a checkpoint, not from scratch
+    print(f"\ntrain: node {victim[:8]} lost; resumed from epoch {last['resumed_from_epoch']}, "
+          f"finished epoch {last['epoch'] + 1} (val BLEU-4 {last['val_bleu4']:.3f})")
+
+
+def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, tmp_path):
+    runs = Path(world["runs"], "lost")
+    if not list(runs.glob("checkpoint_*")):
+        pytest.skip("needs the checkpoint of the train test")
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted(Path(world["root"], "shapes", "images").rglob("*.png"))
+    for i in range(900):  # enough work that the run is still going when its node is lost
+        shutil.copyfile(sources[i % len(sources)], images / f"img-{i:04d}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    output = tmp_path / "captions"
+    cluster.wait_for_workers(0, timeout=120)
+    log = tmp_path / "caption.log"
+    job = _start(cluster, _job("caption", "--input", str(images), "--output", str(output), "--checkpoint", str(runs),
+                               "--batch-size", "8", "--max-actors", "2"), log)
+
+    victim = _kill_a_node_running(cluster, job, "MapWorker", ready=lambda: True, timeout=300)
+    printed = _finish(job, log, timeout=600)
+
+    assert job.returncode == 0, cluster.report() + printed[-3000:]
+    table = pq.ParquetDataset(sorted(str(p) for p in output.glob("part-*.parquet"))).read()
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 901  # one row per image: nothing lost, nothing twice
+    assert sorted(paths) == sorted(str(p) for p in images.iterdir())
+    errors = [r["path"] for r in table.to_pylist() if r["error"]]
+    assert errors == [str(images / "broken.png")]
+    summary = json.loads((output / "summary.json").read_text())
+    assert (summary["ok"], summary["errors"]) == (900, 1)
+    print(f"\ncaption: node {victim[:8]} lost mid-run; {len(paths)} rows, each image once")
+
+
+def test_gpu_actors_land_on_gpu_nodes_and_the_pool_stays_within_its_maximum(cluster):
+    """The sizing logic against fake GPU node types: where the actors land and how many, no CUDA."""
+    code = textwrap.dedent("""
+        import json, os, time, ray
+        from capray.runtime import plan_actors, wait_for_resources
+        ray.init(log_to_driver=False)
+        plan = plan_actors(actors=0, max_actors=2, gpus_per_actor=1.0, cpus_per_actor=0.0, machine=None)
+        wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=180, what="probe")
+
+        class Probe:
+            def __call__(self, batch):
+                time.sleep(0.4)  # queued work makes the pool grow
+                batch["node_type"] = [os.environ.get("RAY_NODE_TYPE_NAME")] * len(batch["id"])
+                batch["gpu_ids"] = [json.dumps(ray.get_gpu_ids())] * len(batch["id"])
+                batch["actor"] = [ray.get_runtime_context().get_actor_id()] * len(batch["id"])
+                return batch
+
+        rows = (ray.data.range(96, override_num_blocks=24)
+                .map_batches(Probe, compute=plan.strategy(), batch_size=4, batch_format="pandas", **plan.remote_args())
+                .take_all())
+        print(json.dumps({"bundle": plan.bundle(), "types": sorted({r["node_type"] for r in rows}),
+                          "gpu_ids": sorted({r["gpu_ids"] for r in rows}), "actors": len({r["actor"] for r in rows}),
+                          "rows": len(rows)}))
+    """)
+    result = cluster.python(code, timeout=400, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["bundle"] == {"CPU": 1.0, "GPU": 1.0}
+    assert seen["rows"] == 96
+    assert seen["types"] == ["gpu_1"] and seen["gpu_ids"] == ["[0]"]
+    assert 1 <= seen["actors"] <= 2
+    print(f"\ngpu probe: {seen['actors']} actor(s), all on gpu_1 nodes, GPU ids {seen['gpu_ids']}")

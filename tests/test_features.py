@@ -1,0 +1,85 @@
+"""capray.features (prepare) without a pipeline run: what it checks before it touches anything, and
+how its decode step tells permanent failures (listed) from transient ones (raised, for Ray to retry)."""
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from capray import storage
+from capray.encoders import EncoderError, EncoderSpec
+from capray.features import PrepareConfig, prepare, read_and_decode
+from capray.formats import CAPTIONS, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS
+from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
+
+
+def _png(color: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _previous_dataset(out) -> dict[str, bytes]:
+    """What an earlier, finished prepare left: its marker and a split."""
+    files = {PREPARE_FILE: b'{"splits": {}}', "train/part-old.parquet": b"PAR1 old shard", "vocab.json": b"[]"}
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("case", ["weights that do not exist", "a train split without captions"])
+def test_a_failing_check_leaves_the_previous_dataset_as_it_was(tmp_path, case):
+    manifest = tmp_path / "manifest.jsonl"
+    split = "val" if case == "a train split without captions" else "train"
+    manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red square"], "split": split}) + "\n")
+    (tmp_path / "a.png").write_bytes(_png("red"))
+    out = tmp_path / "features"
+    before = _previous_dataset(out)
+    weights = str(tmp_path / "nowhere.pt") if case == "weights that do not exist" else "none"
+
+    with pytest.raises((EncoderError, ValueError)):
+        prepare(PrepareConfig(annotations=str(manifest), out=str(out),
+                              encoder=EncoderSpec("resnet18", weights, 64)))
+
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_paths_are_resolved_where_the_user_typed_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = PrepareConfig(annotations=("data/a.json", "data/b.json"), images=("img/a", "img/b"), out="features",
+                           encoder=EncoderSpec("resnet18", "weights/r18.pt", 64))
+    assert config.annotations == (str(tmp_path / "data/a.json"), str(tmp_path / "data/b.json"))
+    assert config.images == (str(tmp_path / "img/a"), str(tmp_path / "img/b"))
+    assert config.out == str(tmp_path / "features") and config.encoder.weights == str(tmp_path / "weights/r18.pt")
+    with pytest.raises(ValueError, match="--images"):
+        PrepareConfig(annotations=("a.json", "b.json"), images=("only-one",), out="features")
+
+
+def _batch(uris: list[str]) -> pa.Table:
+    return pa.table({IMAGE_ID: [str(i) for i in range(len(uris))], IMAGE: uris,
+                     CAPTIONS: [["a red square"]] * len(uris), TOKENS: [[[1, 4, 2]]] * len(uris)})
+
+
+def test_decode_lists_permanent_failures_and_raises_transient_ones(s3_bucket, faulty_s3, tmp_path, monkeypatch):
+    for name, data in {"good.png": _png("red"), "broken.png": b"\x89PNG\r\n\x1a\n not really",
+                       "throttled.png": _png("blue")}.items():
+        storage.write_bytes(f"{s3_bucket}/in/{name}", data)
+    errors_dir = str(tmp_path / "errors")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+
+    out = read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/broken.png",
+                                  f"{s3_bucket}/in/missing.png"]), image_size=32, errors_dir=errors_dir)
+    assert out[IMAGE_ID].to_pylist() == ["0"]  # the good one; the two permanent failures are listed
+    listed = [json.loads(line)["image"] for f in sorted((tmp_path / "errors").iterdir())
+              for line in f.read_text().splitlines()]
+    assert sorted(listed) == [f"{s3_bucket}/in/broken.png", f"{s3_bucket}/in/missing.png"]
+
+    faulty_s3.configure(FaultPlan(get_keys=keys({"in/throttled.png"}), get_failures=ALWAYS))
+    with pytest.raises(storage.TransientStorageError):  # Ray runs the task again (DECODE_TASK_RETRIES)
+        read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/throttled.png"]), image_size=32,
+                        errors_dir=str(tmp_path / "errors-2"))
+    assert not (tmp_path / "errors-2").exists()  # not recorded as a bad image: the set never shrinks silently

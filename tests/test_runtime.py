@@ -1,0 +1,99 @@
+"""capray.runtime: sizing for a local machine vs a cluster, and waiting for the autoscaler."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from capray.runtime import (ActorPlan, Machine, ResourceWaitTimeout, is_local, plan_actors, task_cpus,
+                            wait_for_resources, worker_cpus)
+
+
+def test_a_cluster_plan_asks_what_one_node_gives_and_scales_the_pool():
+    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0, machine=None)
+    assert (plan.min_actors, plan.max_actors, plan.num_cpus, plan.threads) == (1, None, 1.0, 1)
+    strategy = plan.strategy()
+    assert (strategy.min_size, strategy.max_size) == (1, float("inf"))
+
+
+def test_a_cluster_gpu_plan_is_one_gpu_and_one_cpu_per_actor_up_to_the_maximum():
+    plan = plan_actors(actors=0, max_actors=8, gpus_per_actor=1.0, cpus_per_actor=0.0, machine=None)
+    assert plan.bundle() == {"CPU": 1.0, "GPU": 1.0}
+    assert (plan.min_actors, plan.max_actors) == (1, 8)
+    assert plan.remote_args() == {"num_cpus": 1.0, "num_gpus": 1.0}
+
+
+def test_fixed_actors_and_cpus_per_actor_are_taken_as_given_on_a_cluster():
+    plan = plan_actors(actors=3, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=4.0, machine=None)
+    assert (plan.min_actors, plan.max_actors, plan.num_cpus, plan.threads) == (3, 3, 4.0, 4)
+    assert plan.strategy().min_size == plan.strategy().max_size == 3
+
+
+def test_a_local_plan_shares_a_small_machine_with_the_decode_tasks():
+    plan = plan_actors(actors=2, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
+                       machine=Machine(cpus=2, gpus=0), reserve_cpus=0.5)
+    assert (plan.min_actors, plan.max_actors) == (2, 2)
+    assert plan.num_cpus * 2 <= 2 - 0.5 + 1e-9  # room is left for decoding: no deadlock on 2 cores
+
+
+def test_a_local_plan_fills_a_big_machine_with_one_actor():
+    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
+                       machine=Machine(cpus=16, gpus=0), reserve_cpus=1.0)
+    assert (plan.min_actors, plan.num_cpus, plan.threads) == (1, 15.0, 15)
+
+
+def test_a_local_plan_puts_one_actor_on_each_gpu():
+    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=1.0, cpus_per_actor=0.0,
+                       machine=Machine(cpus=16, gpus=4))
+    assert (plan.min_actors, plan.max_actors, plan.num_gpus, plan.num_cpus) == (4, 4, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gpus_per_actor": 1.0}, "this machine has 0 GPUs"),
+    ({"actors": -1}, "must not be negative"),
+    ({"actors": 4, "max_actors": 2}, "below --actors"),
+    ({"actors": 3, "cpus_per_actor": 1.0}, "exceed this machine's 2 CPUs"),
+])
+def test_impossible_local_plans_are_user_errors(kwargs, message):
+    values = {"actors": 0, "max_actors": 0, "gpus_per_actor": 0.0, "cpus_per_actor": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        plan_actors(**values, machine=Machine(cpus=2, gpus=0))
+
+
+def test_task_and_worker_shares_are_fractional_only_on_a_small_local_machine():
+    assert task_cpus(Machine(cpus=2, gpus=0), small=0.4, cluster=1.0) == 0.4
+    assert task_cpus(Machine(cpus=16, gpus=0), small=0.4, cluster=1.0) == 1.0
+    assert task_cpus(None, small=0.4, cluster=1.0) == 1.0
+    assert worker_cpus(workers=2, machine=Machine(cpus=2, gpus=0)) == 0.5
+    assert worker_cpus(workers=2, machine=None) == 1.0
+
+
+def test_local_means_no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert is_local()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not is_local()
+
+
+def test_describe_names_counts_and_shares():
+    assert ActorPlan(1, None, 1.0, 1.0, 1).describe() == "1..any actor(s) × 1 CPU + 1 GPU"
+    assert ActorPlan(2, 2, 0.75, 0.0, 1).describe() == "2 actor(s) × 0.75 CPU, 1 thread(s)"
+
+
+def test_waiting_for_what_no_node_has_ends_in_a_one_line_timeout(ray_local):
+    started = time.monotonic()
+    with pytest.raises(ResourceWaitTimeout, match=r"no room for 1 × \{CPU: 1, GPU: 1\} after 2 s"):
+        wait_for_resources([{"CPU": 1, "GPU": 1}], timeout_s=2, what="caption")
+    assert time.monotonic() - started < 10
+    assert not isinstance(ResourceWaitTimeout("x"), ValueError)  # exit 1 (try again), not 2
+
+
+def test_waiting_for_what_is_there_returns_at_once_and_frees_it(ray_local):
+    import ray
+
+    before = ray.available_resources().get("CPU", 0)
+    wait_for_resources([{"CPU": 0.5}, {"CPU": 0.5}], timeout_s=30, what="test")
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < before and time.monotonic() < deadline:
+        time.sleep(0.1)  # the placement group's removal is asynchronous
+    assert ray.available_resources().get("CPU", 0) == before
