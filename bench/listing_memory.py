@@ -12,7 +12,9 @@ parent's peak RSS over into its child's ``ru_maxrss`` (measured: the child of a 
 held 300 MB reports 313 MB), so the process that starts the measurements stays small. The folders
 of the smaller sizes nest inside the largest one, so only max(N) files are created.
 
-A streamed listing keeps the peak flat: the target is peak(largest N) / peak(smallest N) ≤ 1.2
+The same files are also named in a JSONL manifest and read the way ``capray caption --input
+manifest.jsonl`` reads it: line by line (a COCO or Karpathy JSON file is one document and is parsed
+whole). A streamed listing keeps the peak flat: the target is peak(largest N) / peak(smallest N) ≤ 1.2
 (a listing held whole cost the driver 216 MB per million S3 objects).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 FILES_PER_FOLDER = 10_000  # files per leaf folder: a bucket's "date=.../" prefixes, roughly
 DIGEST_CHUNK = 65_536  # paths digested at a time while building ``done`` (as _finished_paths does per shard)
 TARGET_RATIO = 1.2
+KINDS = ("prefix", "manifest")  # a folder listed with os.scandir; a JSONL manifest read line by line
 
 MAKE = f"""
 import json, sys
@@ -47,7 +50,7 @@ args = json.loads(sys.argv[1])
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done = np.load(args["done"])
 started = time.perf_counter()
-paths = _input_paths(args["folder"], "prefix", ("jpg",))
+paths = _input_paths(args["input"], args["kind"], ("jpg",))
 group_rows = _decode_rows(CaptionConfig.batch_size, CaptionConfig.rows_per_shard)
 total, skipped, units = _write_listing(paths, done, args["listing"], group_rows=group_rows)
 seconds = time.perf_counter() - started
@@ -74,11 +77,13 @@ def main() -> None:
         started = time.perf_counter()
         out = _run(MAKE, [os.path.join(workdir, "data"), sizes])
         created_s = time.perf_counter() - started
-        rows = [measure(size, *out[str(size)], os.path.join(workdir, f"listing-{size}")) for size in sizes]
+        rows = [measure(size, kind, *out[str(size)], os.path.join(workdir, f"listing-{kind}-{size}"))
+                for kind in KINDS for size in sizes]
     finally:
         shutil.rmtree(workdir)
+    ratios = {kind: round(_peak(rows, kind, sizes[-1]) / _peak(rows, kind, sizes[0]), 3) for kind in KINDS}
     results = {"sizes": sizes, "dir": args.dir, "create_seconds": round(created_s, 1), "runs": rows,
-               "peak_rss_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}
+               "peak_rss_ratio": max(ratios.values()), "peak_rss_ratios": ratios}
     print_table(results)
     if args.json:
         from capray import storage
@@ -87,11 +92,12 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int]]:
+def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int, str]]:
     """Create max(sizes) empty files so that the folder for each size holds exactly that many.
 
     The folder of size k is ``root/smaller/…/smaller`` (one level per larger size). Returns, per size,
-    its folder, an ``.npy`` file of the sorted digests of every second file under it, and their number.
+    its folder, an ``.npy`` file of the sorted digests of every second file under it, their number, and
+    a JSONL manifest naming the same files (one ``{"image": ...}`` per line).
     """
     import numpy as np
 
@@ -118,17 +124,26 @@ def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int]]:
         done = np.concatenate([_digests(mine[i:i + DIGEST_CHUNK]) for i in range(0, len(mine), DIGEST_CHUNK)]
                               or [np.empty(0, dtype="S16")])
         done.sort()
-        made[size] = (folders[size], os.path.join(os.path.dirname(root), f"done-{size}.npy"), len(done))
+        manifest = os.path.join(os.path.dirname(root), f"manifest-{size}.jsonl")
+        with open(manifest, "w") as f:
+            for folder_path, _, names in os.walk(folders[size]):
+                f.writelines(json.dumps({"image": os.path.join(folder_path, n)}) + "\n" for n in names)
+        made[size] = (folders[size], os.path.join(os.path.dirname(root), f"done-{size}.npy"), len(done), manifest)
         np.save(made[size][1], done)
     return made
 
 
-def measure(size: int, folder: str, done: str, num_done: int, listing: str) -> dict:
-    """List and resume-filter ``folder`` in a fresh process; its time and peak RSS."""
-    run = _run(MEASURE, {"folder": folder, "done": done, "listing": listing})
+def _peak(rows: list[dict], kind: str, size: int) -> float:
+    return next(r["peak_rss_mb"] for r in rows if r["kind"] == kind and r["size"] == size)
+
+
+def measure(size: int, kind: str, folder: str, done: str, num_done: int, manifest: str, listing: str) -> dict:
+    """List (the folder, or the manifest naming its files) and resume-filter in a fresh process."""
+    source = {"prefix": folder, "manifest": manifest}[kind]
+    run = _run(MEASURE, {"input": source, "kind": kind, "done": done, "listing": listing})
     if run["total"] != size or run["skipped"] != num_done:
         raise SystemExit(f"{size} files: listed {run['total']}, skipped {run['skipped']} of {num_done}: wrong")
-    run["size"] = size
+    run["size"], run["kind"] = size, kind
     run["files_per_s"] = size / run["seconds"]
     run["listing_mb"] = run["peak_rss_mb"] - run["baseline_rss_mb"]
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()}
@@ -142,18 +157,20 @@ def _run(code: str, args) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"capray caption's driver-side listing + resume filter of a local folder ({r['dir']}), "
-          f"half of the files already done; {max(r['sizes']):,} files created in {r['create_seconds']:.0f} s")
-    header = ("files", "list+filter s", "files/s", "listing units", "RSS after imports MB", "peak RSS MB",
+    print(f"capray caption's driver-side listing + resume filter of a local folder ({r['dir']}) and of a "
+          f"JSONL manifest of the same files, half of them already done; {max(r['sizes']):,} files created in "
+          f"{r['create_seconds']:.0f} s")
+    header = ("input", "files", "list+filter s", "files/s", "listing units", "RSS after imports MB", "peak RSS MB",
               "peak - imports MB")
-    rows = [(f"{x['size']:,}", f"{x['seconds']:.1f}", f"{x['files_per_s']:,.0f}", f"{x['units']:,}",
+    rows = [(x["kind"], f"{x['size']:,}", f"{x['seconds']:.1f}", f"{x['files_per_s']:,.0f}", f"{x['units']:,}",
              f"{x['baseline_rss_mb']:.0f}", f"{x['peak_rss_mb']:.0f}", f"{x['listing_mb']:.0f}") for x in r["runs"]]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for row in rows:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-    print(f"peak RSS ratio {r['sizes'][-1]:,} / {r['sizes'][0]:,} files: {r['peak_rss_ratio']:.2f} "
-          f"(target ≤ {TARGET_RATIO})")
+    for kind, ratio in r["peak_rss_ratios"].items():
+        print(f"peak RSS ratio {r['sizes'][-1]:,} / {r['sizes'][0]:,} files, {kind}: {ratio:.2f} "
+              f"(target ≤ {TARGET_RATIO})")
 
 
 if __name__ == "__main__":

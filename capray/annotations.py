@@ -11,7 +11,7 @@ import json
 import logging
 import posixpath
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -139,29 +139,40 @@ def stable_share(image_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def iter_manifest(uri: str, *, images: str | None = None) -> Iterator[Record]:
+    """The records of a JSONL manifest, one line at a time (streamed: it may have millions of lines)."""
+    root = storage.normalize(images) if images else storage.parent(uri)
+    empty = True
+    for number, line in enumerate(storage.iter_lines(uri), start=1):
+        if line.strip():
+            empty = False
+            yield _manifest_record(line, f"{uri} line {number}", root)
+    if empty:
+        raise AnnotationError(f"{uri}: the manifest has no records")
+
+
 def _read_manifest(uri: str, text: str, root: str) -> list[Record]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{uri} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AnnotationError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-            raise AnnotationError(f'{where}: each line needs an "image" string')
-        captions = row.get("captions", [])
-        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-            raise AnnotationError(f'{where}: "captions" must be a list of strings')
-        split = _check_split(row.get("split", "train"), where)
-        objects = row.get("objects")
-        records.append(Record(image_id=str(row.get("image_id", row["image"])),
-                              image=_resolve(root, row["image"]), captions=tuple(captions),
-                              split=split, objects=tuple(objects) if objects is not None else None))
+    records = [_manifest_record(line, f"{uri} line {number}", root)
+               for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not records:
         raise AnnotationError(f"{uri}: the manifest has no records")
     return records
+
+
+def _manifest_record(line: str, where: str, root: str) -> Record:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+        raise AnnotationError(f'{where}: each line needs an "image" string')
+    captions = row.get("captions", [])
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise AnnotationError(f'{where}: "captions" must be a list of strings')
+    split = _check_split(row.get("split", "train"), where)
+    objects = row.get("objects")
+    return Record(image_id=str(row.get("image_id", row["image"])), image=_resolve(root, row["image"]),
+                  captions=tuple(captions), split=split, objects=tuple(objects) if objects is not None else None)
 
 
 def _read_coco(uri: str, obj: dict, root: str, split: str | None) -> list[Record]:

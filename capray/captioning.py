@@ -257,10 +257,14 @@ def _input_paths(uri: str, kind: str, extensions: tuple[str, ...]) -> Iterator[s
         yield from storage.list_files(uri, extensions=extensions)
     elif kind == "image":
         yield storage.normalize(uri)
-    else:  # a manifest lists its images explicitly: no extension filter; a missing one becomes an error row
+    elif uri.lower().endswith(".jsonl"):  # a manifest lists its images explicitly: no extension filter
+        from capray.annotations import iter_manifest
+
+        yield from (storage.normalize(r.image) for r in iter_manifest(uri))  # streamed, line by line
+    else:  # COCO / Karpathy JSON: one document, parsed whole
         from capray.annotations import read_annotations
 
-        yield from dict.fromkeys(storage.normalize(r.image) for r in read_annotations(uri))
+        yield from (storage.normalize(r.image) for r in read_annotations(uri))
 
 
 def _validate_checkpoint(uri: str) -> dict:
@@ -360,31 +364,35 @@ def _metadata(settings: dict) -> dict[bytes, bytes]:
 
 def _write_listing(paths: Iterable[str], done: np.ndarray, listing: str, *,
                    group_rows: int) -> tuple[int, int, list[tuple[str, int]]]:
-    """Stream the paths not in ``done`` into Parquet shards under ``listing``.
+    """Stream the paths not in ``done`` into Parquet shards under ``listing``, each path once.
 
-    Returns (total, skipped, units): a unit is (listing shard, row group) of ``group_rows`` paths, the
-    work of one decode task. The driver holds one listing shard's paths at a time.
+    Returns (total, skipped, units): ``total`` distinct paths; a unit is (listing shard, row group) of
+    ``group_rows`` paths, the work of one decode task. The driver holds one listing shard's paths at a
+    time, plus 16-byte digests of the paths listed so far (a manifest may name an image twice).
     """
     total = skipped = 0
     units: list[tuple[str, int]] = []
     chunk: list[str] = []
+    seen = np.empty(0, dtype="S16")  # sorted digests of the paths of earlier chunks
 
     def flush():
-        nonlocal skipped
-        todo = chunk
-        if len(done):
-            digests = _digests(chunk)
-            where = np.minimum(np.searchsorted(done, digests), len(done) - 1)
-            finished = done[where] == digests
-            skipped += int(finished.sum())
-            todo = [p for p, f in zip(chunk, finished) if not f]
+        nonlocal total, skipped, seen
+        digests = _digests(chunk)
+        _, first = np.unique(digests, return_index=True)
+        fresh = np.zeros(len(chunk), dtype=bool)
+        fresh[first] = True
+        fresh &= ~_contains(seen, digests)
+        seen = np.sort(np.concatenate([seen, digests[fresh]]))
+        total += int(fresh.sum())
+        finished = fresh & _contains(done, digests)
+        skipped += int(finished.sum())
+        todo = [p for p, f, d in zip(chunk, fresh, finished) if f and not d]
         if todo:
             uri = storage.join(listing, f"paths-{len(units):07d}.parquet")  # unique: units only grow
             _write_parquet(uri, pa.table({PATH: pa.array(todo, pa.string())}), row_group_size=group_rows)
             units.extend((uri, g) for g in range((len(todo) + group_rows - 1) // group_rows))
 
     for path in paths:
-        total += 1
         chunk.append(path)
         if len(chunk) == LISTING_ROWS:
             flush()
@@ -392,6 +400,14 @@ def _write_listing(paths: Iterable[str], done: np.ndarray, listing: str, *,
     if chunk:
         flush()
     return total, skipped, units
+
+
+def _contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Which of ``digests`` are in ``sorted_digests`` (a binary search each)."""
+    if not len(sorted_digests):
+        return np.zeros(len(digests), dtype=bool)
+    where = np.minimum(np.searchsorted(sorted_digests, digests), len(sorted_digests) - 1)
+    return sorted_digests[where] == digests
 
 
 def _delete_shards(output: str) -> None:

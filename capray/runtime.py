@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 WAIT_LOG_EVERY_S = 30.0
 """While waiting for the autoscaler, a progress line this often."""
+DASHBOARD_PORT = 8265
+"""Ray's default dashboard port, used for a local Ray when it is free."""
+DASHBOARD_WAIT_S = 60.0
+"""How long a local Ray's dashboard may take to register (seconds; it is slow on a busy 2-core machine)."""
 
 
 class ResourceWaitTimeout(TimeoutError):
@@ -48,13 +52,52 @@ def ensure_ray(*, dashboard: bool = False) -> None:
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
         # (about a CPU-second each, stolen from the model). Keep a few more.
-        local = {"include_dashboard": dashboard,
+        local = {"include_dashboard": dashboard, "dashboard_port": _dashboard_port(),
                  "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
     address = "local" if is_local() else os.environ["RAY_ADDRESS"]
     ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
+    if local and dashboard:
+        _wait_for_dashboard(timeout_s=DASHBOARD_WAIT_S)
+        log.info("Ray's dashboard: http://127.0.0.1:%d", local["dashboard_port"])
     resources = ray.cluster_resources()
     log.info("Ray: %s (%g CPUs, %g GPUs up now)", "local" if is_local() else address,
              resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def _dashboard_port() -> int:
+    """Ray's usual 8265 if it is free, else any free port.
+
+    Another Ray on this machine (another capray command, a test session) may hold 8265; a dashboard
+    that cannot bind it never comes up, and Ray Train, which asks it for actor states, fails then.
+    """
+    import socket
+
+    for port in (DASHBOARD_PORT, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port for Ray's dashboard")
+
+
+def _wait_for_dashboard(*, timeout_s: float) -> None:
+    """Wait until the local dashboard has registered its address with the GCS.
+
+    Ray Train's ``PlacementGroupCleaner`` looks the address up once when training starts; on a busy
+    machine the dashboard can take longer than its retries, and the cleaner's thread then dies with a
+    traceback on the console (seen on 2 cores under load).
+    """
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + timeout_s
+    while _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD) is None:
+        if time.monotonic() > deadline:
+            log.warning("Ray's dashboard did not come up within %.0f s", timeout_s)
+            return
+        time.sleep(0.2)
 
 
 def is_local() -> bool:

@@ -226,6 +226,23 @@ def read_bytes(uri: str) -> bytes:
         raise _classified(f"cannot read {uri}", exc) from exc
 
 
+def iter_lines(uri: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read as a stream: a manifest of millions of lines is never whole
+    in memory."""
+    import io
+
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as text:
+            yield from text
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise StorageError(f"{uri}: not UTF-8 text ({exc.reason})") from exc
+    except OSError as exc:
+        raise _classified(f"cannot read {uri}", exc) from exc
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` so that it appears whole or not at all.
 

@@ -469,3 +469,17 @@ def test_pair_sources_refuses_other_counts(annotations, images, message):
     with pytest.raises(ValueError, match=message) as info:
         pair_sources(annotations, images)
     assert "\n" not in str(info.value)
+
+
+def test_a_jsonl_manifest_is_read_one_line_at_a_time(tmp_path):
+    """A record comes out before a bad line further down is read: the file is never parsed whole."""
+    from capray.annotations import iter_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "a.png", "captions": ["a red circle"]}\n\n{"image": "b.png"}\nnot json\n')
+    records = iter_manifest(str(manifest))
+    first = next(records)
+    assert (first.image, first.captions) == (str(tmp_path / "a.png"), ("a red circle",))
+    assert next(records).image == str(tmp_path / "b.png")
+    with pytest.raises(AnnotationError, match="line 4"):
+        next(records)

@@ -487,3 +487,19 @@ def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_
         str(images / "late.png")]
     assert all(r["error"] is None and r["caption"] for r in rows)
     assert (summary.ok, summary.errors, summary.skipped) == (1, 0, 6)
+
+
+def test_the_listing_holds_each_path_once_and_skips_what_is_done(tmp_path, monkeypatch):
+    """A manifest may name an image twice, in the same listing shard or far apart: one row each."""
+    from capray import captioning
+
+    monkeypatch.setattr(captioning, "LISTING_ROWS", 4)  # several listing shards from a few paths
+    paths = [f"/data/img-{i}.png" for i in range(10)]
+    named = paths + paths[:3] + [paths[7], paths[7]]
+    done = np.sort(captioning._digests(paths[8:]))
+
+    total, skipped, units = captioning._write_listing(iter(named), done, str(tmp_path / "listing"), group_rows=2)
+
+    listed = [p for uri in sorted({u for u, _ in units}) for p in pq.read_table(uri).column("path").to_pylist()]
+    assert (total, skipped) == (10, 2)
+    assert sorted(listed) == sorted(paths[:8])
