@@ -52,7 +52,8 @@ done = np.load(args["done"])
 started = time.perf_counter()
 paths = _input_paths(args["input"], args["kind"], ("jpg",))
 group_rows = _decode_rows(CaptionConfig.batch_size, CaptionConfig.rows_per_shard)
-total, skipped, units = _write_listing(paths, done, args["listing"], group_rows=group_rows)
+total, skipped, units = _write_listing(paths, done, args["listing"], group_rows=group_rows,
+                                       dedupe=args["kind"] != "prefix")  # as caption() calls it
 seconds = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())

@@ -197,7 +197,8 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     listing = storage.join(output, LISTING_DIR, run_id)
     storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
     paths = _input_paths(config.input, source, config.extensions)
-    total, skipped, units = _write_listing(paths, done, listing, group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
+    total, skipped, units = _write_listing(paths, done, listing, dedupe=source != "prefix",
+                                           group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
     if total == 0:
         storage.delete_dir(storage.join(output, LISTING_DIR))
         raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
@@ -362,27 +363,31 @@ def _metadata(settings: dict) -> dict[bytes, bytes]:
     return {f"{META_PREFIX}{k}".encode(): v.encode() for k, v in values.items()}
 
 
-def _write_listing(paths: Iterable[str], done: np.ndarray, listing: str, *,
-                   group_rows: int) -> tuple[int, int, list[tuple[str, int]]]:
+def _write_listing(paths: Iterable[str], done: np.ndarray, listing: str, *, group_rows: int,
+                   dedupe: bool = True) -> tuple[int, int, list[tuple[str, int]]]:
     """Stream the paths not in ``done`` into Parquet shards under ``listing``, each path once.
 
     Returns (total, skipped, units): ``total`` distinct paths; a unit is (listing shard, row group) of
     ``group_rows`` paths, the work of one decode task. The driver holds one listing shard's paths at a
-    time, plus 16-byte digests of the paths listed so far (a manifest may name an image twice).
+    time, and with ``dedupe`` 16-byte digests of the paths listed so far (a manifest may name an image
+    twice; a prefix listing cannot, so it goes without).
     """
     total = skipped = 0
     units: list[tuple[str, int]] = []
     chunk: list[str] = []
-    seen = np.empty(0, dtype="S16")  # sorted digests of the paths of earlier chunks
+    seen: list[np.ndarray] = []  # sorted digests of each earlier chunk's paths (no copies of a growing array)
 
     def flush():
-        nonlocal total, skipped, seen
+        nonlocal total, skipped
         digests = _digests(chunk)
-        _, first = np.unique(digests, return_index=True)
-        fresh = np.zeros(len(chunk), dtype=bool)
-        fresh[first] = True
-        fresh &= ~_contains(seen, digests)
-        seen = np.sort(np.concatenate([seen, digests[fresh]]))
+        fresh = np.ones(len(chunk), dtype=bool)
+        if dedupe:
+            _, first = np.unique(digests, return_index=True)
+            fresh[:] = False
+            fresh[first] = True
+            for earlier in seen:
+                fresh &= ~_contains(earlier, digests)
+            seen.append(np.sort(digests[fresh]))
         total += int(fresh.sum())
         finished = fresh & _contains(done, digests)
         skipped += int(finished.sum())
