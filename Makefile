@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/caption_throughput.py --json bench-output/caption_throughput.json
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/train_scaling.py
+	$(PY) bench/listing_memory.py --json bench-output/listing_memory.json
 
 clean:
 	rm -rf $(VENV) demo-output bench-output
