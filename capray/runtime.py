@@ -54,14 +54,55 @@ def ensure_ray(*, dashboard: bool = False) -> None:
         # (about a CPU-second each, stolen from the model). Keep a few more.
         local = {"include_dashboard": dashboard, "dashboard_port": _dashboard_port(),
                  "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
-    address = "local" if is_local() else os.environ["RAY_ADDRESS"]
-    ray.init(address=address, log_to_driver=True, configure_logging=False, **local)
+    if local:
+        _start_local(**local)
+    else:
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False)
     if local and dashboard:
         _wait_for_dashboard(timeout_s=DASHBOARD_WAIT_S)
         log.info("Ray's dashboard: http://127.0.0.1:%d", local["dashboard_port"])
     resources = ray.cluster_resources()
-    log.info("Ray: %s (%g CPUs, %g GPUs up now)", "local" if is_local() else address,
+    log.info("Ray: %s (%g CPUs, %g GPUs up now)", "local" if local else os.environ["RAY_ADDRESS"],
              resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def _start_local(**options) -> None:
+    """``ray.init`` of a new local Ray whose workers know its address.
+
+    Ray's own helpers that run in workers (Ray Train's ``PlacementGroupCleaner`` among them) find "the"
+    cluster through ``RAY_ADDRESS`` or by looking for running GCS processes; with another Ray on the
+    machine (another capray command, a test session) the search fails ("Found multiple active Ray
+    instances") and the helper dies with a traceback on the console. So the GCS port is chosen
+    here and handed to every worker of this Ray as ``RAY_ADDRESS``.
+    """
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port(0)
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
+    try:
+        ray.init(address="local", log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **options)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+def _free_port(*preferred: int) -> int:
+    """The first of ``preferred`` that is free on this machine, else any free port (0 means any)."""
+    import socket
+
+    for port in (*preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise OSError("no free port")
 
 
 def _dashboard_port() -> int:
@@ -70,16 +111,7 @@ def _dashboard_port() -> int:
     Another Ray on this machine (another capray command, a test session) may hold 8265; a dashboard
     that cannot bind it never comes up, and Ray Train, which asks it for actor states, fails then.
     """
-    import socket
-
-    for port in (DASHBOARD_PORT, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise OSError("no free port for Ray's dashboard")
+    return _free_port(DASHBOARD_PORT)
 
 
 def _wait_for_dashboard(*, timeout_s: float) -> None:

@@ -83,11 +83,13 @@ def _local_block() -> str:
 
 
 @pytest.mark.slow
-def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path):
+def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     """Every local command, relative paths and all, in a folder that is not the repository.
 
     Relative paths must be resolved where the user typed them: Ray's workers (Train workers above
-    all) run in Ray's working directory, where ``data/features`` means something else.
+    all) run in Ray's working directory, where ``data/features`` means something else. ``ray_local``
+    is another Ray running on the machine meanwhile, as users have: each command's own local Ray must
+    neither join it nor lose track of itself (Ray Train's helpers look "the" cluster up).
     """
     import os
     import subprocess
