@@ -280,24 +280,6 @@ def wait_for_resources(bundles: list[dict[str, float]], *, timeout_s: float, wha
         remove_placement_group(group)
 
 
-def wait_for_actors_to_exit(class_name: str, *, timeout_s: float) -> None:
-    """Give actors of ``class_name`` up to ``timeout_s`` to exit on their own.
-
-    Ray Train's detached ``PlacementGroupCleaner`` is told to stop when ``fit()`` returns but exits a
-    moment later; a local Ray torn down in between makes its monitor thread print a traceback on the
-    user's console. Asks the GCS, not the State API (which needs the dashboard).
-    """
-    from ray._private.state import actors
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [a for a in actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
-        if not alive:
-            return
-        time.sleep(0.2)
-    log.debug("%d %s actor(s) still alive after %.0f s", len(alive), class_name, timeout_s)
-
-
 def _bundle_text(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle.items()) + "}"
 

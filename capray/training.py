@@ -400,7 +400,7 @@ def train(config: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from capray.features import load_prepare_info
-    from capray.runtime import ensure_ray, local_machine, wait_for_actors_to_exit, wait_for_resources, worker_cpus
+    from capray.runtime import ensure_ray, local_machine, wait_for_resources, worker_cpus
 
     started = time.perf_counter()
     info = load_prepare_info(config.features)
@@ -464,8 +464,6 @@ def train(config: TrainConfig) -> dict:
     log.info("train: %d worker(s) × %.2f CPU%s, %d train images, epochs → %d, run %s",
              config.workers, cpus, " + 1 GPU" if config.gpu else "", train_images, config.epochs, run_dir)
     result = trainer.fit()
-    if machine is not None:  # this process's Ray ends with it: let Ray Train's helpers stop first
-        wait_for_actors_to_exit("PlacementGroupCleaner", timeout_s=10)
     if result.error:
         raise result.error
     return _summary(run_dir, config, result.metrics or {}, resumed=bool(previous),

@@ -104,7 +104,7 @@ def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world):
 
 def test_train_scales_up_and_resumes_after_losing_a_node(cluster, world):
     if not Path(world["features"], "prepare.json").exists():
-        pytest.skip("needs the features of the prepare test")
+        pytest.fail("the prepare test above did not leave its features (see its failure)")
     cluster.wait_for_workers(0, timeout=120)
     run_dir = Path(world["runs"], "lost")
     log = Path(world["root"], "train.log")
@@ -129,7 +129,7 @@ def test_train_scales_up_and_resumes_after_losing_a_node(cluster, world):
 def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, tmp_path):
     runs = Path(world["runs"], "lost")
     if not list(runs.glob("checkpoint_*")):
-        pytest.skip("needs the checkpoint of the train test")
+        pytest.fail("the train test above did not leave a checkpoint (see its failure)")
     images = tmp_path / "images"
     images.mkdir()
     sources = sorted(Path(world["root"], "shapes", "images").rglob("*.png"))
