@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/capray demo --workdir demo-output
+	$(VENV)/bin/capray demo --out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -74,7 +74,7 @@ def main() -> None:
     build_checkpoint(checkpoint, args)
     inputs = {n: make_images(os.path.join(workdir, f"images-{n}"), n, args.source_size)
               for n in (args.num_images, 4 * args.num_images)}
-    config = CaptionConfig(input="-", output="-", checkpoint=checkpoint, batch_size=args.batch_size,
+    config = CaptionConfig(input="-", out="-", checkpoint=checkpoint, batch_size=args.batch_size,
                            beam_size=args.beam_size, max_length=args.max_length)
     plan, _, _ = plan_resources(config, machine=Machine(cpus=float(os.cpu_count()), gpus=0.0))
     results = {"num_images": args.num_images, "encoder": args.encoder, "weights": args.weights,
@@ -212,7 +212,7 @@ def photo_decode_rate(size: int, seconds: float = 3.0) -> float:
 def run_job(images: str, output: str, config: CaptionConfig, *, rows_per_shard: int, sample_memory: bool) -> dict:
     """``caption()`` in a subprocess with its own Ray; peak memory of its whole process tree."""
     values = {k: v for k, v in config.__dict__.items() if k not in ("input", "output", "extensions")}
-    values.update(input=images, output=output, overwrite=True, rows_per_shard=rows_per_shard)
+    values.update(input=images, out=output, overwrite=True, rows_per_shard=rows_per_shard)
     ray_dir = tempfile.mkdtemp(prefix="capray-bench-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "CAPRAY_LOG_LEVEL": "WARNING", "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "300"}

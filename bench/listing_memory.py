@@ -4,7 +4,7 @@
 
 A local folder of N empty ``.jpg`` files (in subfolders of ``FILES_PER_FOLDER``) is listed and
 resume-filtered the way ``capray caption`` does it in its driver, with capray.captioning's own
-functions: ``_input_paths(folder, "prefix", extensions)`` streamed into ``_write_listing(paths, done,
+functions: ``input_paths(folder, "prefix", extensions)`` streamed into ``write_listing(paths, done,
 listing_dir, group_rows=...)``, where ``done`` holds the sorted digests of half of the files (as if a
 killed run had captioned them). Each N runs in a fresh Python process, so its peak RSS
 (``ru_maxrss``) is that N's alone. The files are made in yet another process: Linux carries a
@@ -44,15 +44,16 @@ print(json.dumps(make_tree(*json.loads(sys.argv[1]))))
 MEASURE = """
 import json, resource, sys, time
 import numpy as np
-from capray.captioning import CaptionConfig, _decode_rows, _input_paths, _write_listing
+from capray.captioning import CaptionConfig, _decode_rows
+from capray.listing import input_paths, write_listing
 
 args = json.loads(sys.argv[1])
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done = np.load(args["done"])
 started = time.perf_counter()
-paths = _input_paths(args["input"], args["kind"], ("jpg",))
+paths = input_paths(args["input"], args["kind"], ("jpg",))
 group_rows = _decode_rows(CaptionConfig.batch_size, CaptionConfig.rows_per_shard)
-total, skipped, units = _write_listing(paths, done, args["listing"], group_rows=group_rows,
+total, skipped, units = write_listing(paths, done, args["listing"], group_rows=group_rows,
                                        dedupe=args["kind"] != "prefix")  # as caption() calls it
 seconds = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -102,7 +103,7 @@ def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int, str
     """
     import numpy as np
 
-    from capray.captioning import _digests
+    from capray.listing import digests_of
 
     folders: dict[int, str] = {}
     folder, halves, number = root, [], 0
@@ -122,7 +123,7 @@ def make_tree(root: str, sizes: list[int]) -> dict[int, tuple[str, str, int, str
     for size in sizes:  # a smaller size's files are all under the larger sizes' folders too
         prefix = folders[size] + os.sep
         mine = [p for p in halves if p.startswith(prefix)]
-        done = np.concatenate([_digests(mine[i:i + DIGEST_CHUNK]) for i in range(0, len(mine), DIGEST_CHUNK)]
+        done = np.concatenate([digests_of(mine[i:i + DIGEST_CHUNK]) for i in range(0, len(mine), DIGEST_CHUNK)]
                               or [np.empty(0, dtype="S16")])
         done.sort()
         manifest = os.path.join(os.path.dirname(root), f"manifest-{size}.jsonl")

@@ -17,6 +17,8 @@ from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
 
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names the checkpoints of a run checkpoint_000000, ...
+CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, TRAIN_STATE_FILE)
+"""What every checkpoint holds (``optimizer.pt`` only those written by training)."""
 
 
 class CheckpointError(ValueError):
@@ -75,14 +77,19 @@ def resolve_checkpoint(uri: str) -> str:
         raise CheckpointError(f"--checkpoint {uri}: no such checkpoint or run directory")
     candidates = []
     for directory in storage.list_dirs(uri):
-        if storage.basename(directory).startswith(CHECKPOINT_PREFIX):
-            state_uri = storage.join(directory, TRAIN_STATE_FILE)
-            if storage.exists(storage.join(directory, MODEL_FILE)) and storage.exists(state_uri):
-                state = storage.read_json(state_uri)
-                candidates.append((state.get("val_bleu4", float("-inf")), state.get("epoch", -1), directory))
+        if storage.basename(directory).startswith(CHECKPOINT_PREFIX) and is_complete(directory):
+            state = storage.read_json(storage.join(directory, TRAIN_STATE_FILE))
+            candidates.append((state.get("val_bleu4", float("-inf")), state.get("epoch", -1), directory))
     if not candidates:
         raise CheckpointError(f"--checkpoint {uri}: has no {MODEL_FILE} and no {CHECKPOINT_PREFIX}* checkpoints")
     return max(candidates)[2]
+
+
+def is_complete(directory: str) -> bool:
+    """Whether a checkpoint directory holds all its files. A Train worker killed while uploading one (its
+    whole group is stopped when any worker dies) leaves part of it; Ray never adopts that one, but its
+    directory stays in the run."""
+    return all(storage.exists(storage.join(directory, name)) for name in CHECKPOINT_FILES)
 
 
 def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> LoadedModel:

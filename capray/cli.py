@@ -1,4 +1,11 @@
-"""The ``capray`` command: one parser per subcommand, shared with the job files in ``jobs/``.
+"""The ``capray`` command, derived from the job configs in :mod:`capray.config`.
+
+Every field of a subcommand's config dataclass is a flag (``batch_size`` → ``--batch-size``; the fields
+of a nested dataclass take its name as prefix, ``--encoder.name``), with the field's docstring as help
+and its default as default, so the command line cannot drift from the configs. ``--config run.yaml``
+reads the same options from a file (keys are field names; flags typed on the command line win). Flags
+renamed in 0.2 (``config.RENAMED``) still work, with a warning. ``jobs/<command>.py`` parse exactly
+what ``capray <command>`` parses.
 
 Exit codes: 0 done; 2 bad usage or configuration (one line on stderr, before heavy work); 1 anything
 unexpected (one line on stderr; ``CAPRAY_DEBUG=1`` shows the traceback).
@@ -6,156 +13,248 @@ unexpected (one line on stderr; ``CAPRAY_DEBUG=1`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import sys
+import textwrap
 import traceback
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from capray import config as configs
 
 log = logging.getLogger("capray")
 
-
-def _synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="where the images and manifest.jsonl go (path or s3://)")
-    p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=128, help="pixels (square)")
+CONFIG_FLAG = "--config"
+_METAVAR = {int: "INT", float: "NUMBER", str: "TEXT"}
 
 
-def _encoder_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", default="inception_v3",
-                   help="torchvision classification model name, or efficientnet_lite0 (default: inception_v3)")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | URI of a state dict (default: imagenet)")
-    p.add_argument("--image-size", type=int, default=0, help="input size in px (default: the encoder's own)")
-    p.add_argument("--encoder-layer", default="", help="node giving the regions (default: last conv stage)")
+class Parser(argparse.ArgumentParser):
+    """argparse with the exit-2-in-one-line contract for usage errors."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
-def _actor_flags(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--actors", type=int, default=0,
-                   help=f"a fixed number of {what} actors (default 0: a pool that scales with the work and the "
-                        "nodes that join; on a local machine one per GPU, else 1)")
-    p.add_argument("--max-actors", type=int, default=0, help="most actors a scaling pool grows to (default 0: no limit)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--cpus-per-actor", type=float, default=0.0,
-                   help="CPUs (and torch threads) per actor (default: 1 on a cluster, the spare cores locally)")
-    _wait_flag(p)
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One flag: where its value goes in the config (``path``), how it parses, its help."""
+
+    flag: str
+    path: tuple[str, ...]
+    kind: type
+    """``int``, ``float``, ``str``, ``bool`` or ``tuple`` (a repeatable string option)."""
+    choices: tuple[str, ...] | None
+    default: Any
+    required: bool
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return "__".join(self.path)
+
+    def convert(self, value: Any, where: str) -> Any:
+        """A value from a config file (already parsed by YAML) → this option's type."""
+        if self.kind is tuple:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+                raise ValueError(f"{where}: {self.flag} takes a list of strings, got {value!r}")
+            return [str(v) for v in items]
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {self.flag} takes true or false, got {value!r}")
+            return value
+        if isinstance(value, (dict, list, bool)) or value is None:
+            raise ValueError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}")
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}") from None
 
 
-def _wait_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait-timeout", type=float, default=600.0,
-                   help="seconds to wait for the cluster to start the nodes the job needs (default 600)")
+def options(cls: type, path: tuple[str, ...] = (), prefix: str = "") -> Iterator[Option]:
+    """The flags of a config dataclass, nested dataclasses included, in field order."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            nested_prefix = prefix if f.metadata.get("flat") else f"{prefix}{f.name}."
+            yield from options(hint, (*path, f.name), nested_prefix)
+            continue
+        kind, choices = _kind(hint, cls, f.name)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        yield Option(flag=f"--{prefix}{f.name.replace('_', '-')}", path=(*path, f.name), kind=kind,
+                     choices=choices, default=default, required=required, help=docs.get(f.name, ""))
 
 
-def _prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--annotations", required=True, action="append",
-                   help="COCO captions JSON, Karpathy split JSON or JSONL manifest; repeat for several files")
-    p.add_argument("--images", action="append", default=[],
-                   help="root of relative image paths (default: the annotations' folder); repeat to pair with "
-                        "each --annotations in order")
-    p.add_argument("--out", required=True, help="feature dataset location (path or s3://)")
-    p.add_argument("--test-fraction", type=float, default=0.0,
-                   help="share of val images moved to a test split, by a hash of the image id (default 0)")
-    _encoder_flags(p)
-    p.add_argument("--vocab-size", type=int, default=5000)
-    p.add_argument("--min-word-count", type=int, default=1)
-    _actor_flags(p, "encoder")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
-    p.add_argument("--splits", default="train,val,test", help="comma-separated splits to prepare")
+def _kind(hint: Any, cls: type, name: str) -> tuple[type, tuple[str, ...] | None]:
+    if hint in (int, float, str, bool):
+        return hint, None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return str, tuple(str(a) for a in args)
+    if origin is tuple and args in ((str, ...),):
+        return tuple, None
+    raise TypeError(f"{cls.__name__}.{name}: no command-line form for {hint!r}")
 
 
-def _train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True, help="feature dataset written by capray prepare")
-    p.add_argument("--out", required=True, help="where runs are stored (path or s3://)")
-    p.add_argument("--name", default="capray", help="run name; the same --out/--name resumes")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64, help="images per worker per step")
-    p.add_argument("--lr", type=float, default=1e-3, dest="learning_rate")
-    p.add_argument("--decoder", choices=("gru", "lstm"), default="gru")
-    p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=512)
-    p.add_argument("--projection-dim", type=int, default=256)
-    p.add_argument("--attention-dim", type=int, default=512)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--attention-weight", type=float, default=1.0, help="doubly stochastic attention λ")
-    p.add_argument("--captions-per-image", type=int, default=0,
-                   help="captions sampled per image per epoch (default 0: all)")
-    p.add_argument("--val-images", type=int, default=500, help="val images decoded per epoch for BLEU-4")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=0.0,
-                   help="CPUs (and torch threads) per worker (default: 1 on a cluster, a share locally)")
-    _wait_flag(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)  # tests: RANK:STEP
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its help), whitespace folded."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
 
 
-def _caption(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="s3:// prefix, local folder (recursive) or a manifest")
-    p.add_argument("--output", required=True, help="where the Parquet shards and summary.json go")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    _actor_flags(p, "captioner")
-    p.add_argument("--extensions", default="jpg,jpeg,png,webp,bmp,gif,tif,tiff")
-    p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--overwrite", action="store_true", help="start over instead of skipping done images")
-    p.add_argument("--retry-errors", action="store_true",
-                   help="caption again the images that have error rows in --output (their rows are replaced)")
+class _Renamed(argparse.Action):
+    """An old flag name: warns, then stores into the new option (``value``: what a valueless old flag meant)."""
+
+    def __init__(self, option_strings, dest, *, command: str, new: Option, value: str | None, **kwargs):
+        self.command, self.new, self.value = command, new, value
+        nargs = 0 if value is not None or new.kind is bool else None
+        super().__init__(option_strings, dest, nargs=nargs, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        use = self.new.flag if self.value is None else f"{self.new.flag} {self.value}"
+        print(f"capray {self.command}: warning: {option_string} is deprecated and goes in 0.3; use {use}",
+              file=sys.stderr)
+        raw = self.value if self.value is not None else values
+        if self.new.kind is tuple:
+            setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), raw])
+        elif self.new.kind is bool:
+            setattr(namespace, self.dest, True)
+        else:
+            try:
+                value = self.new.kind(raw)
+            except ValueError:
+                parser.error(f"argument {option_string}: invalid {self.new.kind.__name__} value: {raw!r}")
+            if self.new.choices and value not in self.new.choices:
+                parser.error(f"argument {option_string}: {raw!r} is not one of {', '.join(self.new.choices)}")
+            setattr(namespace, self.dest, value)
 
 
-def _evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--features", required=True)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--out", required=True, help="folder for metrics.json and results.json")
-
-
-def _attend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--beam-size", type=int, default=3)
-
-
-def _demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="demo-output")
-    p.add_argument("--num-images", type=int, default=0, help="shapes-world size (default: the demo preset's)")
-    p.add_argument("--epochs", type=int, default=0, help="training epochs (default: the demo preset's)")
-
-
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str]] = {
-    "synth": (_synth, "generate the shapes world: a captioned dataset with ground truth"),
-    "prepare": (_prepare, "encode captioned images once into a sharded Parquet feature dataset"),
-    "train": (_train, "train the attention decoder data-parallel with Ray Train"),
-    "caption": (_caption, "caption a bucket or folder of images into Parquet"),
-    "evaluate": (_evaluate, "COCO metrics (BLEU, ROUGE-L, CIDEr-D) on a split"),
-    "attend": (_attend, "plot the attention map of every generated word"),
-    "demo": (_demo, "the whole pipeline on a generated dataset, local Ray, local folders"),
-}
+def add_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``command``'s config on ``p``; nothing has an argparse default (see ``build``)."""
+    by_flag = {}
+    for option in options(configs.COMMANDS[command]):
+        by_flag[option.flag] = option
+        common = {"dest": option.dest, "default": argparse.SUPPRESS}
+        help_text = option.help.replace("%", "%%")
+        if option.required:
+            help_text += " (required)"
+        elif option.kind is tuple:
+            help_text += f" (default: {','.join(option.default) or 'none'})"
+        elif option.kind is not bool:
+            help_text += f" (default: {option.default})"
+        if option.kind is bool:
+            p.add_argument(option.flag, action="store_true", help=help_text, **common)
+            p.add_argument(f"--no-{option.flag[2:]}", action="store_false", help=argparse.SUPPRESS, **common)
+        elif option.kind is tuple:
+            p.add_argument(option.flag, action="append", metavar="TEXT", help=help_text + " (repeatable)", **common)
+        else:
+            p.add_argument(option.flag, type=option.kind, choices=option.choices, help=help_text,
+                           metavar=None if option.choices else _METAVAR[option.kind], **common)
+    for old, (new, *value) in configs.RENAMED.get(command, {}).items():
+        p.add_argument(old, action=_Renamed, command=command, new=by_flag[new], value=value[0] if value else None,
+                       dest=by_flag[new].dest, default=argparse.SUPPRESS)
+    p.add_argument(CONFIG_FLAG, metavar="YAML", default=argparse.SUPPRESS,
+                   help="a YAML file of these options (keys are the field names, e.g. batch_size: 64; nested "
+                        "ones as encoder: {name: resnet18}); flags on the command line override it")
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of one subcommand (for ``jobs/*.py``), or of the whole ``capray`` command."""
     if command is not None:
-        add, help_text = COMMANDS[command]
-        p = argparse.ArgumentParser(prog=f"capray {command}", description=help_text)
-        add(p)
+        p = Parser(prog=f"capray {command}", description=_summary(command))
+        add_options(p, command)
         return p
-    p = argparse.ArgumentParser(prog="capray", description="Distributed image captioning on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, (add, help_text) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_text, description=help_text))
+    p = Parser(prog="capray", description="Distributed image captioning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in configs.COMMANDS:
+        add_options(sub.add_parser(name, help=_summary(name), description=_summary(name)), name)
     return p
+
+
+def _summary(command: str) -> str:
+    first = (configs.COMMANDS[command].__doc__ or "").strip().splitlines()[0]
+    return first.split(": ", 1)[-1].replace("``", "").rstrip(".")
+
+
+def build(command: str, args: argparse.Namespace) -> Any:
+    """The config of ``command`` from parsed flags, over ``--config``'s file, over the defaults."""
+    opts = list(options(configs.COMMANDS[command]))
+    values = dict(read_config_file(command, args.config, opts)) if getattr(args, "config", None) else {}
+    values.update((k, v) for k, v in vars(args).items() if k not in ("command", "config"))
+    missing = [o.flag for o in opts if o.required and o.dest not in values]
+    if missing:
+        raise ValueError(f"the following options are required: {', '.join(missing)} "
+                         f"(as flags or in {CONFIG_FLAG}); see capray {command} --help")
+    return _construct(configs.COMMANDS[command], (), values)
+
+
+def _construct(cls: type, path: tuple[str, ...], values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _construct(hints[f.name], (*path, f.name), values)
+            continue
+        dest = "__".join((*path, f.name))
+        if dest in values:
+            kwargs[f.name] = tuple(values[dest]) if isinstance(values[dest], list) else values[dest]
+    return cls(**kwargs)
+
+
+def read_config_file(command: str, uri: str, opts: Sequence[Option]) -> dict[str, Any]:
+    """A YAML mapping of options → ``{dest: value}``; unknown keys and wrong types are errors."""
+    import yaml
+
+    from capray import storage
+
+    uri = storage.normalize(uri)
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{CONFIG_FLAG} {uri}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{CONFIG_FLAG} {uri}: expected a mapping of option names to values")
+    by_key = {o.flag[2:].replace("-", "_"): o for o in opts}
+    values = {}
+    for key, value in _flatten(data):
+        option = by_key.get(key.replace("-", "_"))
+        if option is None:
+            raise ValueError(f"{CONFIG_FLAG} {uri}: capray {command} has no option {key!r}")
+        values[option.dest] = option.convert(value, f"{CONFIG_FLAG} {uri}")
+    return values
+
+
+def _flatten(data: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Run a parsed subcommand with the exit-code contract; used by ``main`` and the job files."""
     setup_logging()
     try:
-        _dispatch(command, args)
+        _dispatch(command, build(command, args))
     except KeyboardInterrupt:
         print(f"capray {command}: interrupted", file=sys.stderr)
         return 130
@@ -200,43 +299,42 @@ def setup_logging() -> None:
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def _dispatch(command: str, args: argparse.Namespace) -> None:
-    values = {k: v for k, v in vars(args).items() if k != "command"}
+def _dispatch(command: str, config: Any) -> None:
     if command == "synth":
-        from capray.synth import SynthConfig, generate
+        from capray.synth import generate
 
-        manifest = generate(args.out, SynthConfig(num_images=args.num_images, seed=args.seed,
-                                                  image_size=args.image_size))
-        print(f"wrote {args.num_images} images; manifest: {manifest}")
+        manifest = generate(config.out, config.world)
+        print(f"wrote {config.world.num_images} images; manifest: {manifest}")
     elif command == "prepare":
-        from capray.features import PrepareConfig, prepare, print_summary
+        from capray.features import prepare, print_summary
 
-        print_summary(prepare(PrepareConfig.from_flags(**values)))
+        print_summary(prepare(config))
     elif command == "train":
-        from capray.training import TrainConfig, print_summary, train
+        from capray.training import print_summary, train
 
-        print_summary(train(TrainConfig(**values)))
+        print_summary(train(config))
     elif command == "caption":
-        from capray.captioning import CaptionConfig, caption, print_summary
+        from capray.captioning import caption, print_summary
 
-        summary = caption(CaptionConfig.from_flags(**values))
+        summary = caption(config)
         print_summary(summary)
         if summary.retryable:
             raise IncompleteRun(f"{summary.retryable} image(s) could not be read for a transient reason "
                                 "(throttling, timeouts); run the same command again to caption them")
     elif command == "evaluate":
-        from capray.evaluation import EvaluateConfig, evaluate, print_metrics
+        from capray.evaluation import evaluate, print_metrics
 
-        print_metrics(evaluate(EvaluateConfig(**values)))
+        print_metrics(evaluate(config))
     elif command == "attend":
         from capray.evaluation import attend
 
-        words = attend(args.checkpoint, args.image, args.out, beam_size=args.beam_size)
-        print(f"{' '.join(words)}\nattention plot: {args.out}")
+        words = attend(config.checkpoint, config.image, config.out, beam_size=config.beam_size,
+                       max_length=config.max_length)
+        print(f"{' '.join(words)}\nattention plot: {config.out}")
     elif command == "demo":
         from capray.demo import run_demo
 
-        run_demo(args.workdir, num_images=args.num_images, epochs=args.epochs)
+        run_demo(config.out, num_images=config.num_images, epochs=config.epochs)
 
 
 class IncompleteRun(Exception):

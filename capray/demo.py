@@ -84,7 +84,7 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
 
     t = stage("4/6 caption: the held-out test images, folder → Parquet")
     captioned = caption(CaptionConfig(input=os.path.join(paths["shapes"], "images", "test"),
-                                      output=paths["captions"], checkpoint=run_dir, beam_size=3, batch_size=32))
+                                      out=paths["captions"], checkpoint=run_dir, beam_size=3, batch_size=32))
     times["caption"] = time.perf_counter() - t
 
     t = stage("5/6 evaluate: test split, beam 3")

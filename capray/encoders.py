@@ -17,60 +17,21 @@ moving uint8 to a GPU is four times cheaper than moving float32.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from capray import storage
+from capray.config import EFFICIENTNET_LITE0, WEIGHTS_IMAGENET, WEIGHTS_NONE, EncoderSpec
 
-WEIGHTS_IMAGENET, WEIGHTS_NONE = "imagenet", "none"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels (TF Lite preprocessing).
 LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
-# Lite0 layers: a block index (0..15) or "head" (the 1280-channel 1×1 conv). Block 10 ends the
-# stride-16 stage (112 channels): 8×8 regions at 128 px, 14×14 at 224 px.
-LITE0_DEFAULT_LAYER = "blocks.10"
-DEFAULT_IMAGE_SIZE = {"inception_v3": 299, EFFICIENTNET_LITE0: 224}
 
 
 class EncoderError(ValueError):
     """An encoder that cannot be built as asked (unknown name, unloadable weights)."""
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    name: str = "inception_v3"
-    """A torchvision classification model name, or ``efficientnet_lite0``."""
-    weights: str = WEIGHTS_IMAGENET
-    """``imagenet`` (the model's pretrained weights), ``none`` (random, seeded) or a state-dict URI.
-
-    A URI is the offline copy of the pretrained weights (torchvision's file for that model, auxiliary
-    heads and all): it gets the same input preprocessing as ``imagenet``, so the features are the same."""
-    image_size: int = 0
-    """Square input size in pixels; 0 means the model's own (299 for inception_v3, else 224)."""
-    layer: str = ""
-    """Node whose output gives the regions; empty means the last convolutional stage."""
-    seed: int = 0
-    """Seed of the random initialisation when ``weights`` is ``none``."""
-
-    def __post_init__(self):
-        if not self.name:
-            raise ValueError("encoder name must not be empty")
-        if self.image_size < 0 or 0 < self.image_size < 32:
-            raise ValueError(f"image size must be at least 32 px, got {self.image_size}")
-        if not self.weights:
-            raise ValueError("--weights must be imagenet, none or a state-dict URI")
-
-    def resolved(self) -> "EncoderSpec":
-        """The same spec with the defaults filled in (what is saved beside outputs)."""
-        size = self.image_size or DEFAULT_IMAGE_SIZE.get(self.name, 224)
-        layer = self.layer or (LITE0_DEFAULT_LAYER if self.name == EFFICIENTNET_LITE0 else "")
-        return replace(self, image_size=size, layer=layer)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RegionEncoder(nn.Module):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from capray import storage
+from capray.config import EvaluateConfig
 from capray.annotations import pair_sources, read_sources
 from capray.checkpoint import load_checkpoint
 from capray.features import load_prepare_info
@@ -20,28 +20,6 @@ from capray.plots import plot_attention
 from capray.synth import object_accuracy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    checkpoint: str
-    """Checkpoint directory or training run directory (its best checkpoint)."""
-    features: str
-    """Feature dataset written by ``capray prepare``."""
-    out: str
-    """Folder for ``metrics.json`` and ``results.json``."""
-    split: str = "test"
-    """Split to caption and score."""
-    beam_size: int = 3
-    """Beam width (1 = greedy)."""
-    max_length: int = 20
-    """Longest caption generated."""
-    batch_size: int = 128
-    """Images decoded together."""
-
-    def __post_init__(self):
-        if self.beam_size < 1 or self.max_length < 1 or self.batch_size < 1:
-            raise ValueError("--beam-size, --max-length and the batch size must be at least 1")
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -89,6 +67,15 @@ def iter_feature_batches(uri: str, batch_size: int):
                IMAGE: record_batch.column(IMAGE).to_pylist(),
                FEATURES: record_batch.column(FEATURES).to_numpy_ndarray(),
                CAPTIONS: record_batch.column(CAPTIONS).to_pylist()}
+
+
+def first_images(uri: str, count: int) -> list[str]:
+    """The URIs of the first ``count`` images of a split by image id: the same ones in every run."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[IMAGE_ID, IMAGE])
+    return [row[IMAGE] for row in sorted(table.to_pylist(), key=lambda row: row[IMAGE_ID])[:count]]
 
 
 def _object_accuracy(info: dict, ids: list[str], hypotheses: list[str]) -> float | None:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,8 @@ from ray.data.datasource import FilenameProvider
 
 from capray import storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
-from capray.encoders import WEIGHTS_IMAGENET, WEIGHTS_NONE, EncoderSpec, build_encoder
+from capray.config import PrepareConfig
+from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
@@ -43,74 +44,6 @@ BATCHES_PER_BLOCK = 2
 """Encoder batches per input block: the block count follows the data, not the nodes up at submit
 time, so decode tasks spread over nodes that join later."""
 MAX_BLOCKS = 10_000
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    annotations: tuple[str, ...]
-    """COCO captions JSON, Karpathy split JSON or JSONL manifest (URIs); several are read together,
-    e.g. COCO's ``captions_train2014.json`` and ``captions_val2014.json``."""
-    out: str
-    """Feature dataset location (URI)."""
-    images: tuple[str, ...] = ()
-    """Roots of relative image paths, paired with ``annotations`` in order (default: each annotation
-    file's folder)."""
-    test_fraction: float = 0.0
-    """Share of the val images moved to a test split, chosen by a hash of the image id (deterministic)."""
-    encoder: EncoderSpec = field(default_factory=EncoderSpec)
-    """Frozen encoder that makes the region features."""
-    vocab_size: int = 5000
-    """Words kept, specials included (from the train split only)."""
-    min_word_count: int = 1
-    """Words seen fewer times in the train split become ``<unk>``."""
-    max_caption_tokens: int = 40
-    """Captions are truncated to this many tokens, ``<start>`` and ``<end>`` included."""
-    actors: int = 0
-    """A fixed number of encoder actors; 0 lets the pool scale (on a cluster: from 1 up to
-    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
-    max_actors: int = 0
-    """Most encoder actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
-    gpus_per_actor: float = 0.0
-    """GPUs per encoder actor; 0 runs the encoder on CPU."""
-    cpus_per_actor: float = 0.0
-    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
-    wait_timeout: float = 600.0
-    """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
-    batch_size: int = 32
-    """Images per encoder forward pass."""
-    splits: tuple[str, ...] = SPLITS
-    """Splits to write."""
-    rows_per_file: int = 2000
-    """Minimum rows per Parquet file (few larger files read back much faster than many tiny ones)."""
-
-    def __post_init__(self):
-        # Resolved where the user typed them: Ray's workers run in another working directory.
-        annotations = (self.annotations,) if isinstance(self.annotations, str) else tuple(self.annotations)
-        images = (self.images,) if isinstance(self.images, str) else tuple(self.images or ())
-        object.__setattr__(self, "annotations", tuple(storage.normalize(a) for a in annotations))
-        object.__setattr__(self, "images", tuple(storage.normalize(i) for i in images))
-        object.__setattr__(self, "out", storage.normalize(self.out))
-        if self.encoder.weights not in (WEIGHTS_IMAGENET, WEIGHTS_NONE):  # a state-dict URI
-            object.__setattr__(self, "encoder", replace(self.encoder, weights=storage.normalize(self.encoder.weights)))
-        pair_sources(self.annotations, self.images)  # raises if they do not pair
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-        for name in ("actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not set(self.splits) <= set(SPLITS) or not self.splits:
-            raise ValueError(f"--splits must be among {', '.join(SPLITS)}, got {','.join(self.splits)}")
-        if self.max_caption_tokens < 3:
-            raise ValueError("max_caption_tokens must be at least 3")
-
-    @classmethod
-    def from_flags(cls, *, encoder: str, weights: str, image_size: int, encoder_layer: str, splits: str,
-                   annotations: list[str], images: list[str] | None, **flags) -> "PrepareConfig":
-        spec = EncoderSpec(name=encoder, weights=weights, image_size=image_size, layer=encoder_layer)
-        return cls(encoder=spec, splits=tuple(s for s in splits.split(",") if s), annotations=tuple(annotations),
-                   images=tuple(images or ()), **flags)
 
 
 class Encoder:

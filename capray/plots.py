@@ -1,4 +1,4 @@
-"""Attention plots: where the decoder looked for each word (the TF tutorial's ``plot_attention``).
+"""Plots: where the decoder looked for each word (the TF tutorial's ``plot_attention``) and a run's curves.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas, never pyplot, so plotting
 touches no global state and works in Ray workers without a display.
@@ -47,6 +47,26 @@ def plot_attention(image: np.ndarray, words: list[str], attention: np.ndarray, o
         ax.axis("off")
     if title:
         fig.suptitle(title, parse_math=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    storage.write_bytes(out, buf.getvalue())
+
+
+def plot_curves(epochs: list[dict], out: str) -> None:
+    """Write a PNG of a run's train/val loss and val BLEU-4 per epoch (``metrics.jsonl`` lines)."""
+    if not epochs:
+        raise ValueError("no epochs to plot")
+    x = [e["epoch"] + 1 for e in epochs]
+    fig = Figure(figsize=(10, 3.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss, bleu = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    loss.plot(x, [e["train_loss"] for e in epochs], label="train")
+    loss.plot(x, [e["val_loss"] for e in epochs], label="val")
+    loss.set(xlabel="epoch", ylabel="cross-entropy per word", yscale="log", title="loss")
+    loss.legend()
+    scored = [(xi, e["val_bleu4"]) for xi, e in zip(x, epochs) if e.get("val_bleu4", -1) >= 0]
+    bleu.plot([p[0] for p in scored], [p[1] for p in scored], marker=".", color="tab:green")
+    bleu.set(xlabel="epoch", ylabel="BLEU-4 (greedy)", title="val BLEU-4", ylim=(0, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     storage.write_bytes(out, buf.getvalue())

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from capray import storage
+from capray.config import SynthConfig
 from capray.annotations import SPLITS
 from capray.vocab import tokenize
 
@@ -69,48 +70,6 @@ BORDER = 0.02
 """Free space between an object and the image edge, as a fraction of the image side."""
 
 BACKGROUNDS = ("plain", "gradient", "noise")
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """What :func:`generate` draws."""
-
-    num_images: int
-    """Number of images (about half show one object, half two)."""
-    seed: int = 0
-    """Seed of everything random: the same seed gives byte-identical output."""
-    image_size: int = 128
-    """Side of the square images in pixels."""
-    captions_per_image: int = 5
-    """Reference captions per image, picked from the templates (distinct while templates last)."""
-    train_fraction: float = 0.8
-    """Share of images in the train split."""
-    val_fraction: float = 0.1
-    """Share of images in the val split (at least one image when there are enough images)."""
-    test_fraction: float = 0.1
-    """Share of images in the test split (at least one image when there are enough images)."""
-
-    def __post_init__(self) -> None:
-        if self.num_images <= 0:
-            raise ValueError(f"num_images must be positive, got {self.num_images}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, got {self.seed}")
-        if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
-        if self.captions_per_image < 1:
-            raise ValueError(f"captions_per_image must be at least 1, got {self.captions_per_image}")
-        fractions = self.split_fractions
-        if any(not 0.0 <= f <= 1.0 for f in fractions.values()):
-            raise ValueError(f"split fractions must lie in [0, 1], got {dict(fractions)}")
-        if self.train_fraction == 0.0:
-            raise ValueError("train_fraction must be positive")
-        if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"split fractions must sum to 1, got {sum(fractions.values()):.6g}")
-
-    @property
-    def split_fractions(self) -> Mapping[str, float]:
-        return MappingProxyType({"train": self.train_fraction, "val": self.val_fraction,
-                                 "test": self.test_fraction})
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 Submit to a running cluster from the repository root::
 
     ray job submit --working-dir . -- python jobs/caption.py \
-        --input s3://my-bucket/photos/ --output s3://my-bucket/captions/ \
+        --input s3://my-bucket/photos/ --out s3://my-bucket/captions/ \
         --checkpoint s3://my-bucket/runs/capray --gpus-per-actor 1 --batch-size 64
 
-Re-running with the same ``--output`` captions only the images that are not there yet;
+Re-running with the same ``--out`` captions only the images that are not there yet;
 ``--overwrite`` starts over. Exit codes: 0 done, 2 bad configuration (one line on stderr), 1 failure.
 """
 from capray.cli import job_main

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/prepare.py \\
       --annotations s3://my-bucket/coco/captions_train2014.json --images s3://my-bucket/coco/train2014 \\
-      --out s3://my-bucket/capray/features --encoder inception_v3 --weights imagenet --gpus-per-actor 1
+      --out s3://my-bucket/capray/features --encoder.name inception_v3 --encoder.weights imagenet --gpus-per-actor 1
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,7 @@
 """`capray train` as a Ray job; same flags as the subcommand (`--help` lists them).
 
     ray job submit --working-dir . -- python jobs/train.py \\
-      --features s3://my-bucket/capray/features --out s3://my-bucket/capray/runs --name coco --workers 4 --gpu
+      --features s3://my-bucket/capray/features --out s3://my-bucket/capray/runs --name coco --workers 4 --gpus-per-worker 1
 
 Running the same command again resumes the run from its latest checkpoint.
 """

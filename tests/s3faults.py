@@ -4,8 +4,9 @@ Clients reach it through ``AWS_ENDPOINT_URL`` like any S3-compatible store (the 
 fixture sets that), so pyarrow and boto3 go through it unchanged; so do Ray workers started after
 the variable is set (a running Ray's workers keep the endpoint they started with). It forwards every
 request byte for byte (headers, chunked bodies with their trailers, HEAD) except those a
-``FaultPlan`` selects, which get S3's ``503 SlowDown`` answer instead; and it counts requests by
-kind, so a test can check how many object reads or list pages a piece of code really issued.
+``FaultPlan`` selects, which get S3's ``503 SlowDown`` answer instead (a plan can also make every
+object read slow, as a distant or loaded store is); and it counts requests by kind, so a test can
+check how many object reads or list pages a piece of code really issued.
 
 Requests are path-style (``/bucket/key?query``), which is what both SDKs send to an IP endpoint.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import http.client
 import os
 import threading
+import time
 import urllib.parse
 import uuid
 from collections import Counter
@@ -48,6 +50,8 @@ class FaultPlan:
     """The first this many GETs of each selected object fail (``ALWAYS``: every one)."""
     list_failures: int = 0
     """The first this many list requests (any bucket) fail (``ALWAYS``: every one)."""
+    get_delay_s: float = 0.0
+    """Seconds every object GET (of any key, failed or not) waits before it is answered: a slow store."""
 
 
 def keys(names: Iterable[str]) -> Callable[[str, str], bool]:
@@ -108,8 +112,8 @@ class FaultyS3Proxy:
         with self._lock:
             self._counts.clear()
 
-    def _decide(self, method: str, bucket: str, key: str, query: dict[str, list[str]]) -> bool:
-        """Count the request; True if it is to be failed."""
+    def _decide(self, method: str, bucket: str, key: str, query: dict[str, list[str]]) -> tuple[bool, float]:
+        """Count the request; (whether it is to be failed, seconds to wait before answering it)."""
         kind = _kind(method, bucket, key, query)
         with self._lock:
             self._counts[kind] += 1
@@ -124,7 +128,7 @@ class FaultyS3Proxy:
                 fail = True
             if fail:
                 self._counts["injected"] += 1
-            return fail
+            return fail, plan.get_delay_s if kind == "get" else 0.0
 
 
 def _kind(method: str, bucket: str, key: str, query: dict[str, list[str]]) -> str:
@@ -152,7 +156,10 @@ def _handler(proxy: FaultyS3Proxy) -> type[BaseHTTPRequestHandler]:
             bucket, _, key = urllib.parse.unquote(split.path).lstrip("/").partition("/")
             query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
             body = self._read_body()
-            if proxy._decide(self.command, bucket, key, query):
+            fail, delay_s = proxy._decide(self.command, bucket, key, query)
+            if delay_s:
+                time.sleep(delay_s)  # this request's own thread: other requests go on meanwhile
+            if fail:
                 self._slow_down(split.path)
                 return
             status, reason, headers, data = _forward(proxy._upstream, self.command, self.path, self.headers, body)

@@ -27,13 +27,14 @@ import torch
 from PIL import Image
 
 from capray import storage
-from capray.captioning import (CaptionConfig, CaptionSummary, caption, print_summary, read_and_decode,
-                               _write_parquet)
+from capray.captioning import CaptionConfig, CaptionSummary, caption, print_summary, read_and_decode
+from capray.sink import write_parquet
 from capray.checkpoint import model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import SPECIALS, Vocabulary
+from killers import KillInBackground, ray_workers
 from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,21 +161,19 @@ def shard_names(output: str) -> list[str]:
 
 # --- unit tests: no Ray ------------------------------------------------------------------------------
 
-def test_from_flags_parses_extensions_case_insensitively():
-    config = CaptionConfig.from_flags(input="in", output="out", checkpoint="ck", extensions=" JPG,.png,,jpg ",
-                                      beam_size=2, batch_size=4, actors=0, gpus_per_actor=0.0, max_length=9,
-                                      overwrite=False)
-    assert config.extensions == ("jpg", "png")
-    assert (config.beam_size, config.batch_size, config.max_length) == (2, 4, 9)
+def test_extensions_are_parsed_case_insensitively_from_commas_or_repeats():
+    config = CaptionConfig(input="in", out="out", checkpoint="ck", extensions=(" JPG,.png,,jpg ", "webp"))
+    assert config.extensions == ("jpg", "png", "webp")
+    assert CaptionConfig(input="in", out="out", checkpoint="ck", extensions="TIF").extensions == ("tif",)
 
 
 @pytest.mark.parametrize("bad", [{"beam_size": 0}, {"batch_size": 0}, {"max_length": 0}, {"actors": -1},
                                  {"gpus_per_actor": -0.5}, {"extensions": ","}, {"input": ""},
-                                 {"rows_per_shard": 0}, {"fault": "explode"}])
+                                 {"rows_per_shard": 0}, {"overwrite": True, "retry_errors": True}])
 def test_config_rejects_bad_values(bad):
-    values = {"input": "in", "output": "out", "checkpoint": "ck", **bad}
+    values = {"input": "in", "out": "out", "checkpoint": "ck", **bad}
     with pytest.raises(ValueError):
-        CaptionConfig.from_flags(**values)
+        CaptionConfig(**values)
 
 
 def test_print_summary_is_one_table(capsys):
@@ -193,7 +192,7 @@ def test_read_and_decode_keeps_a_row_for_every_path(tmp_path):
     paths = [str(tmp_path / k) for k in objects] + [str(tmp_path / "missing.jpg")]
     listing = str(tmp_path / "listing.parquet")
 
-    _write_parquet(listing, pa.table({"path": paths}), row_group_size=4)
+    write_parquet(listing, pa.table({"path": paths}), row_group_size=4)
     groups = list(range(pq.ParquetFile(listing).num_row_groups))
     out = read_and_decode({"listing": np.array([listing] * len(groups), dtype=object), "group": np.array(groups)},
                           image_size=SIZE)
@@ -213,9 +212,9 @@ def test_resuming_with_other_settings_fails_fast(tmp_path, checkpoint):
 
     schema = CAPTION_SCHEMA.with_metadata({b"capray.checkpoint": b"/elsewhere", b"capray.beam_size": b"3",
                                            b"capray.max_length": b"20", b"capray.encoder": b"{}"})
-    _write_parquet(str(output / "part-20260101T000000-abcdef-000000.parquet"), schema.empty_table())
+    write_parquet(str(output / "part-20260101T000000-abcdef-000000.parquet"), schema.empty_table())
     with pytest.raises(ValueError, match="--overwrite"):
-        caption(CaptionConfig(input=str(images), output=str(output), checkpoint=checkpoint))
+        caption(CaptionConfig(input=str(images), out=str(output), checkpoint=checkpoint))
 
 
 # --- integration: local Ray, moto S3 --------------------------------------------------------------------
@@ -228,7 +227,7 @@ def test_s3_prefix_one_row_per_image_then_resume_then_overwrite(ray_local, s3_bu
     for name in os.listdir(checkpoint):
         storage.write_bytes(storage.join(ckpt, name), Path(checkpoint, name).read_bytes())
     output = f"{s3_bucket}/captions"
-    config = CaptionConfig(input=f"{s3_bucket}/in", output=output, checkpoint=ckpt, batch_size=4, max_length=4,
+    config = CaptionConfig(input=f"{s3_bucket}/in", out=output, checkpoint=ckpt, batch_size=4, max_length=4,
                            beam_size=2, rows_per_shard=6)
 
     summary = caption(config)
@@ -275,27 +274,39 @@ def test_s3_prefix_one_row_per_image_then_resume_then_overwrite(ray_local, s3_bu
 
 
 def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkpoint):
-    """A manifest input; the captioner exits hard mid-run, Ray restarts it and retries its task."""
+    """A manifest input; the captioner process is SIGKILLed mid-batch, Ray restarts it and retries its task."""
     images = tmp_path / "images"
     images.mkdir()
-    names = [f"img-{i:02d}.png" for i in range(24)]
+    names = [f"img-{i:02d}.png" for i in range(48)]
     for i, name in enumerate(names):
         Image.fromarray(_rgb(seed=i)).save(images / name)
     manifest = tmp_path / "manifest.jsonl"
     lines = [{"image": f"images/{n}", "captions": []} for n in names] + [{"image": "images/gone.jpg"}]
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    marker = tmp_path / "crashed"
+    output = tmp_path / "out"
+    busy = "ray::MapWorker(MapBatches(Captioner)).submit"  # the actor's title while it runs a batch
+    first_busy: list[float] = []
 
-    summary = caption(CaptionConfig(input=str(manifest), output=str(tmp_path / "out"), checkpoint=checkpoint,
-                                    batch_size=4, max_length=3, rows_per_shard=8,
-                                    fault=f"crash-after:3:{marker}"))
+    def captioning_for_a_second() -> float:
+        # A second in, a batch or two is done and most are still to come (~10 images/s). Shards are no
+        # measure of progress here: the write tasks may all wait for a worker process until the end.
+        if not first_busy and ray_workers(busy):
+            first_busy.append(time.monotonic())
+        busy_s = time.monotonic() - first_busy[0] if first_busy else 0.0
+        return busy_s if busy_s >= 1.0 else 0.0
 
-    assert marker.exists()  # the captioner did die
-    rows = read_output(str(tmp_path / "out")).to_pylist()
+    with KillInBackground(busy, ready=captioning_for_a_second, timeout_s=120) as kill:
+        summary = caption(CaptionConfig(input=str(manifest), out=str(output), checkpoint=checkpoint,
+                                        batch_size=4, max_length=3, rows_per_shard=8))
+
+    # Killed while caption() ran, in the middle of a batch (its title says so): that batch had to be redone.
+    assert kill.killed_pid is not None and kill.killed_at < kill.exited_at, kill.describe()
+    print(f"\n{kill.describe()}")  # shown with -s
+    rows = read_output(str(output)).to_pylist()
     paths = [r["path"] for r in rows]
     assert sorted(paths) == sorted([str(images / n) for n in names] + [str(images / "gone.jpg")])
     assert [r["path"] for r in rows if r["error"]] == [str(images / "gone.jpg")]
-    assert (summary.ok, summary.errors, summary.skipped) == (24, 1, 0)
+    assert (summary.ok, summary.errors, summary.skipped) == (len(names), 1, 0)
 
 
 @pytest.fixture
@@ -326,14 +337,19 @@ def _kill_processes_mentioning(text: str) -> None:
                 pass
 
 
-def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, checkpoint, tmp_path, job_env):
+def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3,
+                                                     job_env):
+    """The job's whole process group is SIGKILLed once shards are out; running it again adds exactly the rest."""
     names = [f"batch/img {i:02d}.jpg" for i in range(30)]
     put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
     output = tmp_path / "out"
     script = ("import sys; from capray.captioning import CaptionConfig, caption; "
-              "caption(CaptionConfig(input=sys.argv[1], output=sys.argv[2], checkpoint=sys.argv[3], batch_size=2, "
-              "max_length=3, rows_per_shard=2, fault='sleep:0.3'))")
-    env = job_env
+              "caption(CaptionConfig(input=sys.argv[1], out=sys.argv[2], checkpoint=sys.argv[3], batch_size=2, "
+              "max_length=3, rows_per_shard=2))")
+    # A slow store (each image takes a second to arrive, 2 per decode task in parallel): the job is still
+    # reading images for many seconds after its first shards are out, so the kill lands mid-run.
+    faulty_s3.configure(FaultPlan(get_delay_s=1.0))
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url}
     job = subprocess.Popen([sys.executable, "-c", script, f"{s3_bucket}/in", str(output), checkpoint],
                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -351,8 +367,9 @@ def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, check
     assert not (output / SUMMARY_FILE).exists()
     # What a kill can leave on a local disk: a temporary file (a shard itself only ever appears whole).
     (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").write_bytes(b"PAR1 half")
+    faulty_s3.heal()  # the re-run need not be slow
 
-    summary = caption(CaptionConfig(input=f"{s3_bucket}/in", output=str(output), checkpoint=checkpoint,
+    summary = caption(CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint,
                                     batch_size=2, max_length=3, rows_per_shard=2))
 
     paths = read_output(str(output)).column("path").to_pylist()
@@ -372,7 +389,7 @@ def test_an_unreadable_shard_stops_the_run_and_is_never_deleted(tmp_path, checkp
     stranger.write_bytes(b"PAR1 not a shard")
 
     with pytest.raises(ValueError, match="not a caption shard"):
-        caption(CaptionConfig(input=str(images), output=str(output), checkpoint=checkpoint))
+        caption(CaptionConfig(input=str(images), out=str(output), checkpoint=checkpoint))
     assert stranger.read_bytes() == b"PAR1 not a shard"
 
 
@@ -400,7 +417,7 @@ def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, ba
     put_objects(s3_bucket, "docs", IGNORED)
     put_objects(s3_bucket, "in", {"a.png": plain_images()["plain/deeper/still deeper/dog.png"]})
     checkpoints = bad_checkpoints
-    flags = {"--input": f"{s3_bucket}/in", "--output": f"{s3_bucket}/out", "--checkpoint": checkpoint}
+    flags = {"--input": f"{s3_bucket}/in", "--out": f"{s3_bucket}/out", "--checkpoint": checkpoint}
     flags.update({
         "missing bucket": {"--input": "s3://no-such-bucket-capray/in"},
         "empty prefix": {"--input": f"{s3_bucket}/nothing-here"},
@@ -436,7 +453,7 @@ def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucke
     # 3 attempts per request (the AWS SDKs' variable) so that giving up takes seconds, not a minute.
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "3", "CAPRAY_LOG_LEVEL": "ERROR"}
     command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
-               "--output", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3"]
+               "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3"]
 
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -471,10 +488,10 @@ def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_
     for i in range(6):
         Image.fromarray(_rgb(seed=i)).save(images / f"img-{i}.png")
     (images / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n still uploading")
-    config = CaptionConfig(input=str(images), output=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=4,
+    config = CaptionConfig(input=str(images), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=4,
                            max_length=3)
     caption(config)
-    assert [r["path"] for r in read_output(config.output).to_pylist() if r["error"]] == [str(images / "late.png")]
+    assert [r["path"] for r in read_output(config.out).to_pylist() if r["error"]] == [str(images / "late.png")]
 
     Image.fromarray(_rgb(seed=9)).save(images / "late.png")  # the upload completed
     plain_rerun = caption(config)
@@ -482,7 +499,7 @@ def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_
 
     summary = caption(CaptionConfig(**{**config.__dict__, "retry_errors": True}))
 
-    rows = read_output(config.output).to_pylist()
+    rows = read_output(config.out).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(str(images / f"img-{i}.png") for i in range(6)) + [
         str(images / "late.png")]
     assert all(r["error"] is None and r["caption"] for r in rows)
@@ -491,14 +508,14 @@ def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_
 
 def test_the_listing_holds_each_path_once_and_skips_what_is_done(tmp_path, monkeypatch):
     """A manifest may name an image twice, in the same listing shard or far apart: one row each."""
-    from capray import captioning
+    from capray import listing
 
-    monkeypatch.setattr(captioning, "LISTING_ROWS", 4)  # several listing shards from a few paths
+    monkeypatch.setattr(listing, "LISTING_ROWS", 4)  # several listing shards from a few paths
     paths = [f"/data/img-{i}.png" for i in range(10)]
     named = paths + paths[:3] + [paths[7], paths[7]]
-    done = np.sort(captioning._digests(paths[8:]))
+    done = np.sort(listing.digests_of(paths[8:]))
 
-    total, skipped, units = captioning._write_listing(iter(named), done, str(tmp_path / "listing"), group_rows=2)
+    total, skipped, units = listing.write_listing(iter(named), done, str(tmp_path / "listing"), group_rows=2)
 
     listed = [p for uri in sorted({u for u, _ in units}) for p in pq.read_table(uri).column("path").to_pylist()]
     assert (total, skipped) == (10, 2)

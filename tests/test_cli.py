@@ -1,14 +1,20 @@
 """The command line's contract: bad usage or configuration → exit 2 and one line on stderr, fast."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
+import typing
 
 import pytest
 
 from capray import cli
+from capray import config as configs
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -58,7 +64,7 @@ def test_prepare_with_imagenet_weights_offline_points_to_the_way_out(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red circle"], "split": "train"}) + "\n")
     result = run_cli("prepare", "--annotations", str(manifest), "--out", str(tmp_path / "f"),
-                     "--encoder", "resnet18", "--weights", "imagenet",
+                     "--encoder.name", "resnet18", "--encoder.weights", "imagenet",
                      env={"TORCH_HOME": str(tmp_path / "torch-home"), "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert_one_line_exit_2(result, "--weights none")
 
@@ -67,7 +73,7 @@ def test_prepare_with_an_unknown_encoder(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red circle"], "split": "train"}) + "\n")
     result = run_cli("prepare", "--annotations", str(manifest), "--out", str(tmp_path / "f"),
-                     "--encoder", "no_such_net", "--weights", "none")
+                     "--encoder.name", "no_such_net", "--encoder.weights", "none")
     assert_one_line_exit_2(result, "unknown encoder")
 
 
@@ -80,12 +86,144 @@ def test_evaluate_with_a_missing_checkpoint(tmp_path):
     assert_one_line_exit_2(result, "--checkpoint")
 
 
-def test_missing_required_flag_is_usage_error():
+def test_missing_required_flags_are_one_usage_error():
     result = run_cli("caption", "--input", "x")
-    assert result.returncode == 2 and "--output" in result.stderr
+    assert_one_line_exit_2(result, "--out", "--checkpoint")
+
+
+def test_a_bad_number_is_one_usage_error():
+    assert_one_line_exit_2(run_cli("train", "--features", "f", "--out", "o", "--epochs", "many"), "--epochs")
 
 
 @pytest.mark.parametrize("command", ["synth", "prepare", "train", "caption", "evaluate", "attend", "demo"])
 def test_help_works_for_every_subcommand(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and f"capray {command}" in result.stdout
+
+
+# --- one source of truth: the configs ------------------------------------------------------------
+
+def _expected_flags(cls: type, prefix: str = "") -> list[str]:
+    """Every flag a config must have, worked out here from dataclasses.fields alone."""
+    flags = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            flags += _expected_flags(hint, prefix if f.metadata.get("flat") else f"{prefix}{f.name}.")
+        else:
+            flags.append(f"--{prefix}{f.name.replace('_', '-')}")
+    return flags
+
+
+@pytest.mark.parametrize("command", sorted(configs.COMMANDS))
+def test_every_field_of_every_job_config_has_a_flag_in_help(command):
+    help_text = cli.parser(command).format_help()
+    flags = _expected_flags(configs.COMMANDS[command])
+    assert len(flags) >= 3
+    missing = [flag for flag in flags if not re.search(rf"(^|[\s\[]){re.escape(flag)}[\s\]]", help_text)]
+    assert not missing, f"capray {command} --help lacks {missing}"
+    # ... and each documents itself: no field is without its docstring.
+    assert all(cli.field_docs(cls) for cls in (configs.COMMANDS[command],))
+    undocumented = [o.flag for o in cli.options(configs.COMMANDS[command]) if not o.help]
+    assert not undocumented
+
+
+@pytest.mark.parametrize("command", sorted(configs.COMMANDS))
+def test_every_flag_sets_its_field(command):
+    """Each flag, given a value unlike its default, lands in the config built from the command line."""
+    cls = configs.COMMANDS[command]
+    required = {"features": "f", "out": "o", "checkpoint": "c", "input": "i", "image": "x.png",
+                "annotations": "a.jsonl", "num_images": "7"}
+    base = [arg for o in cli.options(cls) if o.required for arg in (o.flag, required[o.path[-1]])]
+    for option in cli.options(cls):
+        if option.required:
+            continue
+        args = cli.parser(command).parse_args(base + _other_args(command, option))
+        got = functools.reduce(getattr, option.path, cli.build(command, args))
+        assert got != option.default, (option.flag, got)
+
+
+def _other_args(command: str, option: cli.Option) -> list[str]:
+    """The flag with a valid value unlike its default (and what that value needs beside it)."""
+    if command == "synth" and option.flag.endswith("-fraction"):  # the three must still sum to 1
+        other = "--val-fraction" if option.flag == "--train-fraction" else "--train-fraction"
+        return [option.flag, "0.2" if option.flag != "--train-fraction" else "0.7", other,
+                "0.7" if other == "--train-fraction" else "0.2"]
+    special = {"--splits": "train", "--extensions": "png", "--decoder": "lstm", "--split": "val",
+               "--encoder.weights": "none", "--test-fraction": "0.2", "--dropout": "0.5", "--name": "other",
+               "--label-smoothing": "0.1",
+               "--encoder.name": "resnet18"}
+    if option.kind is bool:
+        return [option.flag]
+    if option.flag in special:
+        return [option.flag, special[option.flag]]
+    if option.kind in (str, tuple):
+        return [option.flag, "elsewhere"]
+    return [option.flag, str(option.kind(option.default) * 2 + 64)]
+
+
+def test_a_config_file_with_overrides_gives_the_expected_config(tmp_path):
+    (tmp_path / "run.yaml").write_text(textwrap.dedent("""\
+        annotations: [s3://b/coco/captions_train2014.json, s3://b/coco/captions_val2014.json]
+        images: [s3://b/coco/train2014, s3://b/coco/val2014]
+        out: s3://b/features
+        encoder: {name: resnet101, image-size: 256}
+        batch_size: 16
+        splits: train,val
+        """))
+    args = cli.parser("prepare").parse_args(["--config", str(tmp_path / "run.yaml"), "--batch-size", "64",
+                                             "--encoder.weights", "none", "--images", "s3://b/a", "--images",
+                                             "s3://b/v"])
+    config = cli.build("prepare", args)
+    assert config == configs.PrepareConfig(
+        annotations=("s3://b/coco/captions_train2014.json", "s3://b/coco/captions_val2014.json"),
+        images=("s3://b/a", "s3://b/v"), out="s3://b/features", batch_size=64, splits=("train", "val"),
+        encoder=configs.EncoderSpec(name="resnet101", image_size=256, weights="none"))
+
+
+def test_the_command_line_and_a_config_file_give_the_same_config(tmp_path):
+    (tmp_path / "train.yaml").write_text("features: f\nout: o\nepochs: 90\nlearning_rate: 0.003\n"
+                                         "gpus_per_worker: 1\ndecoder: lstm\n")
+    from_file = cli.build("train", cli.parser("train").parse_args(["--config", str(tmp_path / "train.yaml")]))
+    from_flags = cli.build("train", cli.parser("train").parse_args(
+        ["--features", "f", "--out", "o", "--epochs", "90", "--learning-rate", "0.003", "--gpus-per-worker", "1",
+         "--decoder", "lstm"]))
+    assert from_file == from_flags
+
+
+def test_a_boolean_from_a_config_file_can_be_turned_off_by_a_flag(tmp_path):
+    (tmp_path / "c.yaml").write_text("input: i\nout: o\ncheckpoint: c\noverwrite: true\n")
+    args = cli.parser("caption").parse_args(["--config", str(tmp_path / "c.yaml"), "--no-overwrite"])
+    assert cli.build("caption", args).overwrite is False
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("features: f\nout: o\nepochs_total: 3\n", "no option 'epochs_total'"),
+    ("features: f\nout: o\nepochs: [1, 2]\n", "--epochs takes one int"),
+    ("features: f\nout: o\nepochs: 0\n", "--epochs must be at least 1"),
+    ("- features\n", "expected a mapping"),
+    ("features: [unclosed\n", "not valid YAML"),
+])
+def test_a_bad_config_file_is_one_usage_error(tmp_path, text, needle):
+    (tmp_path / "bad.yaml").write_text(text)
+    assert_one_line_exit_2(run_cli("train", "--config", str(tmp_path / "bad.yaml")), needle)
+
+
+def test_a_missing_config_file_is_one_usage_error(tmp_path):
+    assert_one_line_exit_2(run_cli("train", "--config", str(tmp_path / "none.yaml")), "none.yaml")
+
+
+@pytest.mark.parametrize("command, old, new", [
+    (command, old, new) for command, renamed in configs.RENAMED.items() for old, new in renamed.items()])
+def test_old_flag_names_still_work_and_warn(command, old, new, capsys):
+    cls = configs.COMMANDS[command]
+    required = {"features": "f", "out": "o", "checkpoint": "c", "input": "i", "annotations": "a.jsonl"}
+    base = [arg for o in cli.options(cls) if o.required and o.flag not in (old, new[0])
+            for arg in (o.flag, required[o.path[-1]])]
+    value = list(new[1:]) or [{"--encoder": "resnet18", "--weights": "none", "--image-size": "64",
+                               "--encoder-layer": "layer4", "--lr": "0.003"}.get(old, "elsewhere")]
+    old_args = base + ([old] if len(new) > 1 else [old, value[0]])
+    via_old = cli.build(command, cli.parser(command).parse_args(old_args))
+    assert f"{old} is deprecated" in capsys.readouterr().err
+    via_new = cli.build(command, cli.parser(command).parse_args(base + [new[0], value[0]]))
+    assert via_old == via_new

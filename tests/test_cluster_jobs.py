@@ -29,7 +29,7 @@ NODE_TYPES = {
     "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
 }
 SMALL_DECODER = ["--embed-dim", "32", "--hidden-dim", "64", "--projection-dim", "32", "--attention-dim", "32",
-                 "--batch-size", "16", "--val-images", "20", "--lr", "3e-3"]
+                 "--batch-size", "16", "--val-images", "20", "--learning-rate", "3e-3"]
 
 
 def _job(name: str, *args: str) -> list[str]:
@@ -94,7 +94,7 @@ def _kill_a_node_running(cluster: FakeCluster, job, class_fragment: str, *, read
 def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world):
     cluster.wait_for_workers(0, timeout=120)
     result = cluster.run(_job("prepare", "--annotations", world["manifest"], "--out", world["features"],
-                              "--encoder", "efficientnet_lite0", "--image-size", "64", "--batch-size", "16",
+                              "--encoder.name", "efficientnet_lite0", "--encoder.image-size", "64", "--batch-size", "16",
                               "--vocab-size", "100"), timeout=600)
     assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
     info = json.loads(Path(world["features"], "prepare.json").read_text())
@@ -139,7 +139,7 @@ def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, tm
     output = tmp_path / "captions"
     cluster.wait_for_workers(0, timeout=120)
     log = tmp_path / "caption.log"
-    job = _start(cluster, _job("caption", "--input", str(images), "--output", str(output), "--checkpoint", str(runs),
+    job = _start(cluster, _job("caption", "--input", str(images), "--out", str(output), "--checkpoint", str(runs),
                                "--batch-size", "8", "--max-actors", "2"), log)
 
     victim = _kill_a_node_running(cluster, job, "MapWorker", ready=lambda: True, timeout=300)

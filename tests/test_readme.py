@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from capray.cli import COMMANDS, parser
+from capray.cli import build, parser
+from capray.config import COMMANDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -57,19 +58,26 @@ def test_the_readme_shows_every_job_both_ways():
 
 @pytest.mark.parametrize("command,args", _capray_invocations(),
                          ids=lambda value: value if isinstance(value, str) else "")
-def test_every_readme_command_parses(command, args):
+def test_every_readme_command_parses_with_current_names(command, args, capsys, tmp_path):
     assert command in COMMANDS, f"the README runs `capray {command}`, which does not exist"
+    if "--config" in args:  # the README shows the file in a block of its own, headed "# NAME"
+        at = args.index("--config") + 1
+        block = re.search(rf"```\n# {re.escape(args[at])}\n(.*?)```", README.read_text(), flags=re.S)
+        assert block, f"the README passes --config {args[at]} but does not show that file"
+        (tmp_path / args[at]).write_text(block.group(1))
+        args = [*args[:at], str(tmp_path / args[at]), *args[at + 1:]]
     try:
-        parser(command).parse_args(args)
+        build(command, parser(command).parse_args(args))
     except SystemExit as exc:
         pytest.fail(f"`capray {command} {' '.join(args)}` does not parse (exit {exc.code})")
+    assert "deprecated" not in capsys.readouterr().err, f"`capray {command}` in the README uses an old flag name"
 
 
 # --- the local block, run for real ---------------------------------------------------------------------
 
 SMALLER = {
     "synth": ["--num-images", "150", "--image-size", "64"],
-    "prepare": ["--image-size", "64"],
+    "prepare": ["--encoder.image-size", "64"],
     "train": ["--epochs", "1", "--batch-size", "16"],
 }
 """Flags appended to the README's local commands (the last occurrence of a flag wins): only sizes change."""

@@ -5,6 +5,7 @@ real one. Ray Train's start-up costs ~15 s per fit(), so the stages share one mo
 """
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -20,11 +21,16 @@ from capray.features import PrepareConfig, prepare
 from capray.formats import FEATURES, METRICS_FILE, PREPARE_FILE, RESULTS_FILE, TRAIN_STATE_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.synth import SynthConfig, generate
-from capray.training import TrainConfig, existing_checkpoints, train
+from capray.training import ATTENTION_DIR, CURVES_FILE, TrainConfig, existing_checkpoints, read_metrics, train
+from killers import KillInBackground
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as RAY_TRAIN_SNAPSHOT
 
 pytestmark = pytest.mark.slow
 SMALL_DECODER = dict(embed_dim=32, hidden_dim=128, projection_dim=64, attention_dim=32, learning_rate=3e-3,
                      attention_weight=0.01, batch_size=16, val_images=40, keep_checkpoints=2)
+FAULTED_EPOCHS = 8
+"""Epochs of the run whose worker is killed once epoch 0's checkpoint is in. An epoch takes ~1 s here
+and that checkpoint is adopted up to 2 s after it is written: enough epochs are left to kill into."""
 
 
 @pytest.fixture(scope="module")
@@ -64,33 +70,45 @@ def test_prepare_writes_shards_vocab_and_lists_the_corrupt_image(pipeline):
 
 @pytest.fixture(scope="module")
 def faulted_run(pipeline):
-    """Two workers, checkpoints to S3; worker 1 exits at step 14 (second epoch) of the first attempt."""
+    """Two workers, checkpoints to S3; one worker process is SIGKILLed from outside once the first
+    checkpoint is in, and Ray Train restarts the group from the latest checkpoint it holds."""
     config = TrainConfig(features=pipeline["features"], out=f"{pipeline['root']}/runs", name="faulted",
-                         workers=2, epochs=2, inject_fault="1:14", max_failures=2, **SMALL_DECODER)
-    return config, train(config)
+                         workers=2, epochs=FAULTED_EPOCHS, max_failures=2, **SMALL_DECODER)
+    run_dir = f"{config.out}/{config.name}"
+
+    def checkpoints_in() -> int:
+        # A worker's report uploads its checkpoint; Ray Train's controller adopts it at its next poll
+        # of the workers (every 2 s), then writes its snapshot. A group killed before that poll would
+        # restart from the checkpoint before (here: none), so wait for the snapshot too.
+        return len(existing_checkpoints(run_dir)) if storage.exists(f"{run_dir}/{RAY_TRAIN_SNAPSHOT}") else 0
+
+    with KillInBackground("ray::RayTrainWorker", ready=checkpoints_in, timeout_s=600, poll_s=0.2) as kill:
+        summary = train(config)
+    return config, summary, kill
 
 
 def test_a_killed_worker_resumes_from_the_checkpoint_and_finishes(faulted_run):
-    config, summary = faulted_run
+    config, summary, kill = faulted_run
     run_dir = f"{config.out}/{config.name}"
-    assert storage.exists(f"{run_dir}/.injected-fault")  # the worker really died
+    assert kill.killed_pid is not None and kill.killed_at < kill.exited_at, kill.describe()  # it died mid-run
     state = storage.read_json(f"{resolve_latest(run_dir)}/{TRAIN_STATE_FILE}")
-    assert state["epoch"] == 1  # the run finished its two epochs ...
-    assert state["resumed_from_epoch"] == 1  # ... after restarting from epoch 0's checkpoint
+    print(f"\n{kill.describe()}; the run resumed at epoch {state['resumed_from_epoch']}")  # shown with -s
+    assert state["epoch"] == FAULTED_EPOCHS - 1  # the run finished all its epochs ...
+    assert state["resumed_from_epoch"] >= 1  # ... after restarting from a checkpoint, not from scratch
     assert summary["run"].startswith("s3://")
 
 
 def test_a_second_invocation_resumes_and_the_model_learns(pipeline, faulted_run):
-    config, _ = faulted_run
+    config, _, _ = faulted_run
     from dataclasses import replace
 
-    more = replace(config, epochs=8, inject_fault="")
+    more = replace(config, epochs=FAULTED_EPOCHS + 2)
     summary = train(more)
     assert summary["resumed"]
     state = storage.read_json(f"{resolve_latest(f'{config.out}/{config.name}')}/{TRAIN_STATE_FILE}")
-    assert state["epoch"] == 7 and state["resumed_from_epoch"] == 2  # continued the count, not restarted
+    assert state["epoch"] == more.epochs - 1 and state["resumed_from_epoch"] == FAULTED_EPOCHS  # continued the count
     again = train(more)  # nothing left to do: says so without starting a trainer
-    assert again["resumed"] and again["last_epoch"] == 7 and again["checkpoint"] is None
+    assert again["resumed"] and again["last_epoch"] == more.epochs - 1 and again["checkpoint"] is None
 
     out = f"{pipeline['root']}/eval"
     metrics = evaluate(EvaluateConfig(checkpoint=f"{config.out}/{config.name}", features=pipeline["features"],
@@ -101,13 +119,36 @@ def test_a_second_invocation_resumes_and_the_model_learns(pipeline, faulted_run)
     assert set(written) >= {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "object_accuracy",
                             "beam_size", "split"}
     untrained = _untrained_bleu4(pipeline, resolve_checkpoint(f"{config.out}/{config.name}"))
-    print(f"\nshapes world, held-out test split after 8 epochs: BLEU-4 {written['bleu4']:.3f} "
+    print(f"\nshapes world, held-out test split after {more.epochs} epochs: BLEU-4 {written['bleu4']:.3f} "
           f"(untrained {untrained:.3f}), object accuracy {written['object_accuracy']:.3f}")  # shown with -s
     assert written["bleu4"] > untrained + 0.2, (written["bleu4"], untrained)
 
 
+def test_a_run_can_be_watched_metrics_curves_and_attention_maps(pipeline, faulted_run):
+    """metrics.jsonl holds each epoch once, the killed attempt's redone epochs included; plots are PNGs."""
+    config, _, _ = faulted_run
+    run_dir = f"{config.out}/{config.name}"
+    epochs = read_metrics(run_dir)
+    assert [e["epoch"] for e in epochs] == list(range(len(epochs))) and len(epochs) >= FAULTED_EPOCHS
+    assert all(e["train_loss"] > 0 and e["val_loss"] > 0 and e["seconds"] > 0 for e in epochs)
+    assert all(0 <= e["val_bleu4"] <= 1 for e in epochs)  # val_every=1: every epoch decoded
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{run_dir}/{CURVES_FILE}"))).size[0] > 300
+    plots = sorted(storage.list_files(f"{run_dir}/{ATTENTION_DIR}", extensions=("png",)))
+    assert len(plots) == config.attention_images == 3
+    first_val = [r["image"] for r in sorted(_val_rows(pipeline), key=lambda r: r["image_id"])[:3]]
+    assert [storage.basename(p) for p in plots] == sorted(
+        storage.basename(i).rsplit(".", 1)[0] + ".png" for i in first_val)
+
+
+def _val_rows(pipeline) -> list[dict]:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(f"{pipeline['features']}/val")
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "image"]).to_pylist()
+
+
 def test_attend_writes_a_png_with_a_panel_per_word(pipeline, faulted_run, tmp_path):
-    config, _ = faulted_run
+    config, _, _ = faulted_run
     image = f"{pipeline['root']}/shapes/images/test/" + storage.basename(
         next(storage.list_files(f"{pipeline['root']}/shapes/images/test", extensions=("png",))))
     words = attend(f"{config.out}/{config.name}", image, str(tmp_path / "attention.png"))
@@ -117,7 +158,7 @@ def test_attend_writes_a_png_with_a_panel_per_word(pipeline, faulted_run, tmp_pa
 
 
 def test_best_checkpoint_of_a_run_is_self_contained(faulted_run, tmp_path):
-    config, _ = faulted_run
+    config, _, _ = faulted_run
     model = load_checkpoint(f"{config.out}/{config.name}")
     assert model.encoder.spec.name == "efficientnet_lite0"  # encoder weights travel with the decoder
     assert model.uri in existing_checkpoints(f"{config.out}/{config.name}")
