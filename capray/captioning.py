@@ -163,7 +163,7 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
     """Caption the listed paths into shards in ``output``; returns (ok, errors, retryable, shards)."""
     import ray
 
-    from capray.runtime import ensure_ray, local_machine, wait_for_resources
+    from capray.runtime import ensure_ray, local_machine, map_with_retries, wait_for_resources
 
     ensure_ray()
     machine = local_machine()
@@ -177,9 +177,9 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
     # small machine.
     ds = ray.data.from_items([{LISTING: uri, GROUP: group} for uri, group in units],
                              override_num_blocks=min(len(units), MAX_BLOCKS))
-    ds = ds.map_batches(read_and_decode, fn_kwargs={"image_size": image_size}, batch_size=1,
-                        batch_format="numpy", num_cpus=decode_cpus, max_retries=DECODE_TASK_RETRIES,
-                        retry_exceptions=[storage.TransientStorageError])
+    ds = map_with_retries(ds, read_and_decode, fn_kwargs={"image_size": image_size}, batch_size=1,
+                          batch_format="numpy", num_cpus=decode_cpus, max_retries=DECODE_TASK_RETRIES,
+                          retry_exceptions=[storage.TransientStorageError])
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={
                             "checkpoint": settings["checkpoint"], "beam_size": config.beam_size,
                             "max_length": config.max_length, "threads": plan.threads,

@@ -31,6 +31,7 @@ from capray import config as configs
 log = logging.getLogger("capray")
 
 CONFIG_FLAG = "--config"
+VERBOSE_FLAG = "--verbose"
 _METAVAR = {int: "INT", float: "NUMBER", str: "TEXT"}
 
 
@@ -169,6 +170,9 @@ def add_options(p: argparse.ArgumentParser, command: str) -> None:
     for old, (new, *value) in configs.RENAMED.get(command, {}).items():
         p.add_argument(old, action=_Renamed, command=command, new=by_flag[new], value=value[0] if value else None,
                        dest=by_flag[new].dest, default=argparse.SUPPRESS)
+    p.add_argument(VERBOSE_FLAG, action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's own output on the console: worker logs, Ray Data's progress (it always "
+                        "goes to Ray's log files)")
     p.add_argument(CONFIG_FLAG, metavar="YAML", default=argparse.SUPPRESS,
                    help="a YAML file of these options (keys are the field names, e.g. batch_size: 64; nested "
                         "ones as encoder: {name: resnet18}); flags on the command line override it")
@@ -196,7 +200,7 @@ def build(command: str, args: argparse.Namespace) -> Any:
     """The config of ``command`` from parsed flags, over ``--config``'s file, over the defaults."""
     opts = list(options(configs.COMMANDS[command]))
     values = dict(read_config_file(command, args.config, opts)) if getattr(args, "config", None) else {}
-    values.update((k, v) for k, v in vars(args).items() if k not in ("command", "config"))
+    values.update((k, v) for k, v in vars(args).items() if k not in ("command", "config", "verbose"))
     missing = [o.flag for o in opts if o.required and o.dest not in values]
     if missing:
         raise ValueError(f"the following options are required: {', '.join(missing)} "
@@ -252,6 +256,10 @@ def _flatten(data: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Run a parsed subcommand with the exit-code contract; used by ``main`` and the job files."""
+    if getattr(args, "verbose", False):
+        from capray.runtime import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     setup_logging()
     try:
         _dispatch(command, build(command, args))

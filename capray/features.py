@@ -26,7 +26,8 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
-from capray.runtime import ActorPlan, ModelThread, ensure_ray, local_machine, plan_actors, wait_for_resources
+from capray.runtime import (ActorPlan, ModelThread, ensure_ray, local_machine, map_with_retries, plan_actors,
+                            wait_for_resources)
 from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -191,9 +192,9 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
     num_blocks = max(1, min(MAX_BLOCKS, math.ceil(len(records) / (BATCHES_PER_BLOCK * config.batch_size))))
     bounds = [i * len(table) // num_blocks for i in range(num_blocks + 1)]
     ds = ray.data.from_arrow([table.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])])
-    ds = ds.map_batches(read_and_decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir},
-                        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
-                        max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+    ds = map_with_retries(ds, read_and_decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir},
+                          batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,

@@ -35,6 +35,47 @@ class ResourceWaitTimeout(TimeoutError):
     """The cluster did not make room for a job's minimum within ``--wait-timeout`` (exit 1: retry later)."""
 
 
+VERBOSE_ENV = "CAPRAY_VERBOSE"
+"""Set (to 1) by ``--verbose``: Ray's own console output (worker logs, Ray Data's progress) stays on."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-execution lines and progress go to Ray's log files, not the console (unless verbose).
+
+    Applies to the datasets this process builds (the context travels with them). Ray Data logs to
+    ``ray-data.log`` in the session's log folder either way; only its console handler is raised to WARNING.
+    """
+    if verbose():
+        return
+    import ray.data
+    from ray.util.debug import log_once
+
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False
+    context.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data would warn once that we turned them off
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def map_with_retries(ds, fn, *, max_retries: int, retry_exceptions: list[type[BaseException]], **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` whose tasks Ray retries when they raise one of ``retry_exceptions``.
+
+    Ray 2.60 takes task retries only through ``map_batches``'s ``**ray_remote_args``, which it already
+    calls deprecated (no named parameter replaces them yet); the warning is silenced here, in one place.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, max_retries=max_retries, retry_exceptions=retry_exceptions, **kwargs)
+
+
 def ensure_ray(*, dashboard: bool = False) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
 
@@ -47,6 +88,7 @@ def ensure_ray(*, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray_data()
     local = {}
     if is_local():
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
@@ -57,7 +99,7 @@ def ensure_ray(*, dashboard: bool = False) -> None:
     if local:
         _start_local(**local)
     else:
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, configure_logging=False)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=verbose(), configure_logging=False)
     if local and dashboard:
         _wait_for_dashboard(timeout_s=DASHBOARD_WAIT_S)
         log.info("Ray's dashboard: http://127.0.0.1:%d", local["dashboard_port"])
@@ -82,7 +124,7 @@ def _start_local(**options) -> None:
     saved = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
     try:
-        ray.init(address="local", log_to_driver=True, configure_logging=False,
+        ray.init(address="local", log_to_driver=verbose(), configure_logging=False,
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **options)
     finally:
         if saved is None:

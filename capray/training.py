@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -111,9 +112,7 @@ def train_worker(loop_config: dict) -> None:
                    "train_images_per_s": train_metrics["train_images"] * world / max(train_metrics["train_seconds"], 1e-9),
                    "resumed_from_epoch": resumed_from, "example": hyps[0] if hyps else ""}
         if rank == 0:
-            bleu_text = f"val BLEU-4 {val_bleu4:.3f}" if validate else "val BLEU-4   -  "
-            log.info("epoch %d/%d  train loss %.3f  val loss %.3f  %s  (%.0f images/s)", epoch + 1, config.epochs,
-                     metrics["train_loss"], val_loss, bleu_text, metrics["train_images_per_s"])
+            log.info("%s", epoch_line(metrics, config.epochs))  # on the console with --verbose
             append_metrics(loop_config["metrics_uri"], metrics)
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
@@ -124,6 +123,56 @@ def train_worker(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def epoch_line(metrics: dict, epochs: int) -> str:
+    bleu = f"val BLEU-4 {metrics['val_bleu4']:.3f}" if metrics["val_bleu4"] >= 0 else "val BLEU-4   -  "
+    return (f"epoch {metrics['epoch'] + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  "
+            f"val loss {metrics['val_loss']:.3f}  {bleu}  ({metrics['train_images_per_s']:.0f} images/s, "
+            f"{metrics['seconds']:.1f} s)")
+
+
+class _EpochLines:
+    """While the trainer runs: the driver logs each epoch's line from ``metrics.jsonl`` as it appears.
+
+    The workers' own console output reaches the driver only with ``--verbose`` (then they say it).
+    """
+
+    def __init__(self, uri: str, *, epochs: int, poll_s: float = 2.0):
+        self.uri, self.epochs, self.poll_s = uri, epochs, poll_s
+        self.printed = -1
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="capray-epoch-lines", daemon=True)
+
+    def __enter__(self) -> "_EpochLines":
+        from capray.runtime import verbose
+
+        if not verbose():
+            self.printed = max((e["epoch"] for e in self._read()), default=-1)  # a resumed run's are old news
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _read(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in storage.read_text(self.uri).splitlines() if line.strip()] \
+                if storage.exists(self.uri) else []
+        except (OSError, ValueError):  # mid-rewrite on a local disk, or a transient S3 error: next poll
+            return []
+
+    def _run(self) -> None:
+        while True:
+            stopping = self.done.wait(self.poll_s)
+            for metrics in self._read():
+                if metrics["epoch"] > self.printed:
+                    log.info("%s", epoch_line(metrics, self.epochs))
+                    self.printed = metrics["epoch"]
+            if stopping:
+                return
 
 
 def append_metrics(uri: str, metrics: dict) -> None:
@@ -265,7 +314,8 @@ def train(config: TrainConfig) -> dict:
     )
     log.info("train: %d worker(s) × %.2f CPU%s, %d train images, epochs → %d, run %s",
              config.workers, cpus, f" + {config.gpus_per_worker:g} GPU" if config.use_gpu else "", train_images, config.epochs, run_dir)
-    result = trainer.fit()
+    with _EpochLines(storage.join(run_dir, METRICS_LOG), epochs=config.epochs):
+        result = trainer.fit()
     if result.error:
         raise result.error
     write_run_plots(run_dir, features=config.features, images=config.attention_images)
