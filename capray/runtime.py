@@ -93,9 +93,12 @@ def ensure_ray(*, dashboard: bool = False) -> None:
     if is_local():
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
-        # (about a CPU-second each, stolen from the model). Keep a few more.
+        # (about a CPU-second each, stolen from the model). Keep a few more. Fractional-CPU tasks start
+        # more Pythons at once than there are cores, which is what they are for; the raylet's warning
+        # about it (on the console, whatever log_to_driver says) counts against this concurrency.
+        workers = max(8, 2 * (os.cpu_count() or 1))
         local = {"include_dashboard": dashboard, "dashboard_port": _dashboard_port(),
-                 "_system_config": {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}}
+                 "_system_config": {"num_workers_soft_limit": workers, "worker_maximum_startup_concurrency": workers}}
     if local:
         _start_local(**local)
     else:

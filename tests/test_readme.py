@@ -111,7 +111,7 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     ray_dir = tempfile.mkdtemp(prefix="capray-readme-", dir="/tmp")  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env.update({"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "CAPRAY_LOG_LEVEL": "WARNING", "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"})
+                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"})
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -122,3 +122,10 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     assert (data / "eval" / "metrics.json").is_file()
     assert (tmp_path / "att.png").stat().st_size > 0
     assert "Traceback" not in result.stderr, result.stderr[result.stderr.index("Traceback") - 500:][:3000]
+    # A console worth reading: capray's own lines, an epoch line from the driver, none of Ray's chatter.
+    console = result.stdout + result.stderr
+    assert "epoch 1/1  train loss" in console, console[-3000:]
+    for chatter in ("Execution plan of Dataset", "Starting execution of Dataset", "(RayTrainWorker", "(raylet)",
+                    "logging_progress", "RayDeprecationWarning"):
+        assert chatter not in console, (chatter, console[-3000:])
+    assert len(console.splitlines()) < 80, console
