@@ -44,7 +44,7 @@ def plain_loop(features_uri: str, *, epochs: int) -> float:
     """Images/s of a hand-written single-process loop (median epoch after the first)."""
     torch.set_num_threads(THREADS)
     table = pads.dataset(os.path.join(features_uri, "train"), format="parquet").to_table()
-    features = torch.from_numpy(table["features"].combine_chunks().to_numpy_ndarray())  # (N, P, E) fp16
+    features = torch.from_numpy(table["features"].combine_chunks().to_numpy_ndarray().copy())  # (N, P, E) fp16
     captions = table["tokens"].to_pylist()
     longest = max(len(c) for image in captions for c in image)
     most = max(len(image) for image in captions)
