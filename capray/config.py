@@ -253,8 +253,9 @@ class TrainConfig:
     val_images: int = 500
     """Validation images decoded for BLEU-4 (all of the val split if fewer)."""
     val_every: int = 1
-    """Decode the val images for BLEU-4 every this many epochs (and after the last); the val loss is
-    computed every epoch. Checkpoints are ranked by BLEU-4, so only validated epochs can be the best."""
+    """Decode the val images for BLEU-4 every this many epochs (and after the last), and checkpoint
+    those epochs (checkpoints are ranked by BLEU-4); the val loss is computed every epoch. A resumed
+    run continues from the last validated epoch."""
     in_memory_gb: float = 4.0
     """A worker holds its share of the train and val features in memory after reading it once when the
     share is at most this many GiB, so later epochs skip Ray Data; a larger share is streamed every epoch."""

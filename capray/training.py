@@ -114,6 +114,7 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             log.info("%s", epoch_line(metrics, config.epochs))  # on the console with --verbose
             append_metrics(loop_config["metrics_uri"], metrics)
+        if rank == 0 and validate:  # checkpoints are ranked by val BLEU-4: one per validated epoch
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
                                                               decoder_state=decoder.state_dict()),
@@ -159,8 +160,7 @@ class _EpochLines:
 
     def _read(self) -> list[dict]:
         try:
-            return [json.loads(line) for line in storage.read_text(self.uri).splitlines() if line.strip()] \
-                if storage.exists(self.uri) else []
+            return _read_jsonl(self.uri)
         except (OSError, ValueError):  # mid-rewrite on a local disk, or a transient S3 error: next poll
             return []
 
@@ -180,13 +180,16 @@ def append_metrics(uri: str, metrics: dict) -> None:
 
     The file is rewritten whole (S3 cannot append); it holds one short line per epoch.
     """
-    lines = [line for line in (storage.read_text(uri).splitlines() if storage.exists(uri) else [])
-             if line.strip() and json.loads(line)["epoch"] < metrics["epoch"]]
-    storage.write_text(uri, "".join(f"{line}\n" for line in [*lines, json.dumps(metrics)]))
+    kept = [m for m in _read_jsonl(uri) if m["epoch"] < metrics["epoch"]]
+    storage.write_text(uri, "".join(json.dumps(m) + "\n" for m in [*kept, metrics]))
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    uri = storage.join(run_dir, METRICS_LOG)
+    """A run's ``metrics.jsonl``: one dict per epoch, in order ([] before the first epoch ends)."""
+    return _read_jsonl(storage.join(run_dir, METRICS_LOG))
+
+
+def _read_jsonl(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()] \
         if storage.exists(uri) else []
 

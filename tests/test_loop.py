@@ -1,0 +1,71 @@
+"""capray.loop without Ray: in-memory batches match the streamed ones; metrics.jsonl keeps each epoch once."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from capray.loop import Examples, collate
+from capray.training import append_metrics, read_metrics
+
+CPU = torch.device("cpu")
+
+
+def _batch(num_images: int = 7, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens, captions = [], []
+    for i in range(num_images):
+        count = 1 + i % 4  # 1..4 captions per image
+        tokens.append([[1, *rng.integers(4, 30, size=2 + (i + j) % 5).tolist(), 2] for j in range(count)])
+        captions.append([f"image {i} caption {j}" for j in range(count)])
+    return {"features": rng.standard_normal((num_images, 6, 5)).astype(np.float16), "tokens": tokens,
+            "captions": captions}
+
+
+def _pairs(batch) -> list[tuple[float, tuple[int, ...]]]:
+    """(image identity, caption without padding) for every row of a Batch."""
+    firsts = batch.features[:, 0, 0].tolist()
+    return sorted((firsts[i], tuple(t for t in row if t)) for i, row in zip(batch.image_index.tolist(),
+                                                                            batch.tokens.tolist()))
+
+
+def test_examples_give_the_rows_collate_gives_for_the_same_images():
+    raw = _batch()
+    held = next(Examples.from_batches([raw]).batches(16, device=CPU))
+    streamed = collate(raw, CPU)
+    assert _pairs(held) == _pairs(streamed)
+    assert held.tokens.size(1) == streamed.tokens.size(1)  # padded to the batch's longest caption, no more
+    assert held.references == streamed.references
+
+
+def test_sampled_captions_are_each_images_own_and_distinct():
+    raw = _batch(num_images=9)
+    examples = Examples.from_batches([raw])
+    own = {float(raw["features"][i, 0, 0]): {tuple(c) for c in raw["tokens"][i]} for i in range(9)}
+    batches = list(examples.batches(4, device=CPU, captions_per_image=2, seed=5))
+    assert [b.features.size(0) for b in batches] == [4, 4, 1]
+    seen_images = []
+    for batch in batches:
+        pairs = _pairs(batch)
+        for image, caption in pairs:
+            assert caption in own[image]
+        per_image = {}
+        for image, caption in pairs:
+            per_image.setdefault(image, []).append(caption)
+        for image, chosen in per_image.items():
+            assert len(chosen) == min(2, len(own[image])) == len(set(chosen))
+        seen_images += per_image
+    assert sorted(seen_images) == sorted(own)  # every image once per epoch
+
+
+def test_shuffling_follows_the_seed():
+    examples = Examples.from_batches([_batch(num_images=20)])
+    order = lambda seed: [b.features[:, 0, 0].tolist() for b in examples.batches(5, device=CPU, seed=seed)]
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+def test_metrics_log_keeps_one_line_per_epoch_when_epochs_are_redone(tmp_path):
+    uri = str(tmp_path / "metrics.jsonl")
+    for epoch, loss in [(0, 3.0), (1, 2.0), (2, 1.5), (1, 2.1), (2, 1.4), (3, 1.2)]:  # resumed after epoch 0
+        append_metrics(uri, {"epoch": epoch, "train_loss": loss})
+    assert read_metrics(str(tmp_path)) == [{"epoch": 0, "train_loss": 3.0}, {"epoch": 1, "train_loss": 2.1},
+                                           {"epoch": 2, "train_loss": 1.4}, {"epoch": 3, "train_loss": 1.2}]
