@@ -109,6 +109,8 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
 def _print_report(*, preset, prepared, trained, captioned, metrics, times, paths, workdir, plots) -> None:
     import pyarrow.parquet as pq
 
+    from capray.training import CURVES_FILE, METRICS_LOG
+
     print("\n=== capray demo: summary ===")
     print("stage times (s): " + "  ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(f"prepare: {prepared['num_images']} images at {prepared['images_per_s']:.1f} images/s "
@@ -131,4 +133,5 @@ def _print_report(*, preset, prepared, trained, captioned, metrics, times, paths
     print(f"  metrics      {os.path.join(workdir, 'metrics.json')}")
     print(f"  captions     {paths['captions']}/*.parquet")
     print(f"  checkpoints  {trained['run']}")
+    print(f"  curves       {os.path.join(trained['run'], CURVES_FILE)} (per-epoch lines: {METRICS_LOG} beside it)")
     print(f"  attention    {', '.join(os.path.relpath(p, workdir) for p in plots)} (under {workdir})")
