@@ -243,7 +243,6 @@ def existing_checkpoints(run_dir: str) -> list[str]:
 
 def train(config: TrainConfig) -> dict:
     """Train with Ray Train; the same ``--out/--name`` resumes from the run's latest checkpoint."""
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -281,12 +280,7 @@ def train(config: TrainConfig) -> dict:
                          f"machine has {machine.gpus:g} GPUs")
     if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
-    train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
-    val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
-    if _fits_in_object_store(info):
-        # Small enough to keep in Ray's object store: epochs then skip re-reading the Parquet files.
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    mean, std = feature_statistics(train_ds, max_images=config.stats_images)
+    train_ds, val_ds, mean, std = _read_features(config, info)
     train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
     share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
     loop_config = {
@@ -363,6 +357,32 @@ def write_run_plots(run_dir: str, *, features: str, images: int) -> None:
                  storage.join(run_dir, ATTENTION_DIR))
     except (OSError, ValueError) as exc:
         log.warning("could not plot the run (%s); training itself is done", " ".join(str(exc).split())[:300])
+
+
+READ_ATTEMPTS = 3
+"""Tries at reading the feature dataset in the driver: a node lost mid-read (a spot node taken back, an
+autoscaler scaling an idle node down as a reader lands on it) kills Ray Data's readers with it."""
+
+
+def _read_features(config: TrainConfig, info: dict):
+    """The train and val datasets (materialized when small) and the per-channel feature statistics."""
+    import ray.data
+    from ray.exceptions import RayError
+
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
+            val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
+            if _fits_in_object_store(info):
+                # Small enough to keep in Ray's object store: epochs then skip re-reading the Parquet files.
+                train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+            mean, std = feature_statistics(train_ds, max_images=config.stats_images)
+            return train_ds, val_ds, mean, std
+        except RayError as exc:  # a Ray failure (a lost node, a dead reader), not a bad dataset
+            if attempt == READ_ATTEMPTS:
+                raise
+            log.warning("train: reading %s failed (%s); trying again (%d/%d)", config.features,
+                        " ".join(str(exc).split())[:200], attempt + 1, READ_ATTEMPTS)
 
 
 def _row_bytes(info: dict) -> int:
