@@ -496,7 +496,7 @@ class FakeCluster:
                    if _comm(pid) == "raylet" and _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id]
         if not raylets:
             raise ValueError(f"no running raylet for node {node_id}; alive: {[str(n) for n in self.worker_nodes()]}")
-        victims = raylets + [pid for raylet in raylets for pid in _descendants(raylet)]
+        victims = raylets + [pid for raylet in raylets for pid in descendants(raylet)]
         for pid in victims:  # the raylet first, so that it starts nothing new
             _kill(pid)
         self.wait_until(lambda: all(_is_zombie(pid) for pid in victims), timeout=10, interval=0.1,
@@ -773,7 +773,8 @@ def _is_zombie(pid: int) -> bool:
     return not stat or stat[0] in ("Z", "X")
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children, grandchildren, ...)."""
     children: dict[int, list[int]] = {}
     for pid in _pids():
         stat = _stat(pid)
