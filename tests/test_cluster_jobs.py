@@ -76,6 +76,17 @@ def _workers_on(cluster: FakeCluster, class_fragment: str) -> set[str]:
     return set(json.loads(lines[-1])) if result.returncode == 0 and lines else set()
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run: a worker group restarted from then on
+    resumes from it. A checkpoint directory appears on storage before that (rank 0 uploads it, then the
+    controller registers it once every worker has reported), so its files alone are not enough."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+
+
 def _kill_a_node_running(cluster: FakeCluster, job, class_fragment: str, *, ready, timeout: float) -> str:
     """Once ``ready()`` holds, SIGKILL the raylet of a node where such an actor runs; returns its id."""
     deadline = time.monotonic() + timeout
@@ -111,8 +122,7 @@ def test_train_scales_up_and_resumes_after_losing_a_node(cluster, world):
     job = _start(cluster, _job("train", "--features", world["features"], "--out", world["runs"], "--name", "lost",
                                "--workers", "2", "--epochs", "12", "--max-failures", "3", *SMALL_DECODER), log)
 
-    victim = _kill_a_node_running(cluster, job, "RayTrainWorker",
-                                  ready=lambda: bool(list(run_dir.glob("checkpoint_*/train_state.json"))),
+    victim = _kill_a_node_running(cluster, job, "RayTrainWorker", ready=lambda: _registered_checkpoint(run_dir),
                                   timeout=400)
     output = _finish(job, log, timeout=600)
 
