@@ -25,7 +25,8 @@ WEIGHTS_IMAGENET, WEIGHTS_NONE = "imagenet", "none"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 LITE0_DEFAULT_LAYER = "blocks.10"
 """Lite0 layers: a block index (0..15) or "head" (the 1280-channel 1×1 conv). Block 10 ends the
-stride-16 stage (112 channels): 8×8 regions at 128 px, 14×14 at 224 px."""
+stride-16 stage (112 channels): 8×8 regions at 128 px, 14×14 at 224 px; block 7 (80 channels) is the
+last of that grid's first half, whose regions keep more colour."""
 DEFAULT_IMAGE_SIZE = MappingProxyType({"inception_v3": 299, EFFICIENTNET_LITE0: 224})
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -124,7 +125,8 @@ class EncoderSpec:
     image_size: int = 0
     """Square input size in pixels; 0 means the model's own (299 for inception_v3, else 224)."""
     layer: str = ""
-    """Node whose output gives the regions; empty means the last convolutional stage."""
+    """Node whose output gives the regions; empty means the last convolutional stage. Several nodes of
+    one grid joined by ``+`` (``blocks.7+blocks.10``) concatenate their channels per region."""
     seed: int = 0
     """Seed of the random initialisation when ``weights`` is ``none``."""
 
@@ -244,6 +246,8 @@ class TrainConfig:
     """Attention hidden size."""
     dropout: float = 0.0
     """Dropout before the output layer."""
+    position_embeddings: bool = True
+    """Learn an embedding per region position, added to the projected regions (where each region lies)."""
     captions_per_image: int = 0
     """Reference captions used per image per epoch, sampled afresh each epoch; 0 uses all of them."""
     label_smoothing: float = 0.0

@@ -107,12 +107,21 @@ def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
             _load_state_dict(model, spec.weights, spec.name)
     model.eval()
     layer = spec.layer or _last_conv_node(model)
+    nodes = layer_names(layer)
     try:
-        backbone = create_feature_extractor(model, return_nodes={layer: "regions"})
+        backbone = create_feature_extractor(model, return_nodes={node: str(i) for i, node in enumerate(nodes)})
     except ValueError as exc:
         names = get_graph_node_names(model)[1]
         raise EncoderError(f"{spec.name} has no layer {layer!r}; some: {', '.join(names[-8:])}") from exc
-    return RegionEncoder(_Select(backbone, "regions"), mean=mean, std=std, spec=replace(spec, layer=layer))
+    return RegionEncoder(_Concat(backbone, spec.name, nodes), mean=mean, std=std, spec=replace(spec, layer=layer))
+
+
+def layer_names(layer: str) -> list[str]:
+    """``"blocks.7+blocks.10"`` → its layers: regions concatenate their channels, layer by layer."""
+    names = [name.strip() for name in layer.split("+")]
+    if not all(names) or len(set(names)) != len(names):
+        raise EncoderError(f"--encoder.layer must be one layer or distinct layers joined by '+', got {layer!r}")
+    return names
 
 
 def _build_lite0(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
@@ -128,15 +137,29 @@ def _build_lite0(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
     return RegionEncoder(_Lite0Trunk(model, spec.layer), mean=LITE_MEAN, std=LITE_STD, spec=spec)
 
 
-class _Select(nn.Module):
-    """Unwrap the dict a torchvision feature extractor returns."""
+class _Concat(nn.Module):
+    """The feature maps a torchvision feature extractor returns, channels concatenated (one or more).
 
-    def __init__(self, extractor: nn.Module, key: str):
+    Layers of one stage share a grid: an early one keeps more of the pixels (colour), a late one more
+    of the object (shape, size); both describe each region.
+    """
+
+    def __init__(self, extractor: nn.Module, name: str, layers: list[str]):
         super().__init__()
-        self.extractor, self.key = extractor, key
+        self.extractor, self.name, self.layers = extractor, name, layers
 
     def forward(self, x):
-        return self.extractor(x)[self.key]
+        return _concat_maps(list(self.extractor(x).values()), self.name, self.layers)
+
+
+def _concat_maps(maps: list[torch.Tensor], name: str, layers: list[str]) -> torch.Tensor:
+    if len(maps) == 1:
+        return maps[0]
+    grids = {tuple(m.shape[2:]) for m in maps}
+    if len(grids) > 1:
+        shapes = ", ".join(f"{layer} {h}×{w}" for layer, (h, w) in zip(layers, (m.shape[2:] for m in maps)))
+        raise EncoderError(f"{name} layers joined by '+' must share one grid of regions; got {shapes}")
+    return torch.cat(maps, dim=1)  # (B, ΣE, h, w)
 
 
 class _Lite0Trunk(nn.Module):
@@ -145,28 +168,37 @@ class _Lite0Trunk(nn.Module):
     def __init__(self, model: nn.Module, layer: str):
         super().__init__()
         num_blocks = len(model._blocks)
-        if layer == "head":
-            self.last_block, self.head = num_blocks - 1, True
-        else:
-            try:
-                self.last_block, self.head = int(layer.removeprefix("blocks.")), False
-            except ValueError:
-                raise EncoderError(f"{EFFICIENTNET_LITE0} layer must be blocks.0..blocks.{num_blocks - 1} "
-                                   f"or head, got {layer!r}") from None
-            if not 0 <= self.last_block < num_blocks:
-                raise EncoderError(f"{EFFICIENTNET_LITE0} has blocks 0..{num_blocks - 1}, got {layer!r}")
+        self.layers = sorted(layer_names(layer), key=lambda name: self._block_of(name, num_blocks))
+        self.outputs = [self._block_of(name, num_blocks) for name in self.layers]  # block indices, in order
+        self.head = self.outputs[-1] == num_blocks  # "head" counts as the block after the last
         self._conv_stem, self._bn0, self._swish = model._conv_stem, model._bn0, model._swish
-        self._blocks = nn.ModuleList(list(model._blocks)[: self.last_block + 1])
+        self._blocks = nn.ModuleList(list(model._blocks)[: min(self.outputs[-1], num_blocks - 1) + 1])
         if self.head:
             self._conv_head, self._bn1 = model._conv_head, model._bn1
 
+    @staticmethod
+    def _block_of(layer: str, num_blocks: int) -> int:
+        if layer == "head":
+            return num_blocks
+        try:
+            block = int(layer.removeprefix("blocks."))
+        except ValueError:
+            raise EncoderError(f"{EFFICIENTNET_LITE0} layer must be blocks.0..blocks.{num_blocks - 1} "
+                               f"or head (or several joined by '+'), got {layer!r}") from None
+        if not 0 <= block < num_blocks:
+            raise EncoderError(f"{EFFICIENTNET_LITE0} has blocks 0..{num_blocks - 1}, got {layer!r}")
+        return block
+
     def forward(self, x):
         x = self._swish(self._bn0(self._conv_stem(x)))  # (B, 32, H/2, W/2)
-        for block in self._blocks:
+        maps = []
+        for index, block in enumerate(self._blocks):
             x = block(x)  # no drop-connect: frozen, eval only
+            if index in self.outputs:
+                maps.append(x)
         if self.head:
-            x = self._swish(self._bn1(self._conv_head(x)))  # (B, 1280, H/32, W/32)
-        return x
+            maps.append(self._swish(self._bn1(self._conv_head(x))))  # (B, 1280, H/32, W/32)
+        return _concat_maps(maps, EFFICIENTNET_LITE0, self.layers)
 
 
 def _last_conv_node(model: nn.Module) -> str:

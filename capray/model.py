@@ -35,6 +35,10 @@ class DecoderConfig:
     """A: Bahdanau attention's hidden size (the seed uses the decoder's units)."""
     dropout: float = 0.0
     """Dropout before the output layer (the paper uses 0.5 on COCO; the seed none)."""
+    num_regions: int = 0
+    """P, for a learned embedding per region position, added to the projected regions: where a region
+    lies, which the features themselves only hint at (relations: "left of", "above"). 0: none (the seed's,
+    and checkpoints from before)."""
     start_id: int = 1
     """Id of ``<start>``."""
     end_id: int = 2
@@ -48,6 +52,8 @@ class DecoderConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_regions < 0:
+            raise ValueError(f"num_regions must be 0 (no position embedding) or positive, got {self.num_regions}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +105,7 @@ class Decoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(c.feature_dim))
         self.register_buffer("feature_std", torch.ones(c.feature_dim))
         self.project = nn.Sequential(nn.Linear(c.feature_dim, c.projection_dim), nn.ReLU())
+        self.positions = nn.Parameter(0.1 * torch.randn(c.num_regions, c.projection_dim)) if c.num_regions else None
         self.attention = Attention(c.projection_dim, c.hidden_dim, c.attention_dim)
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.init_h = nn.Linear(c.projection_dim, c.hidden_dim)
@@ -114,6 +121,11 @@ class Decoder(nn.Module):
         """Standardise and project the regions; initial state from the mean region (the paper's f_init)."""
         x = (features.float() - self.feature_mean) / self.feature_std  # (B, P, E)
         regions = self.project(x)  # (B, P, R)
+        if self.positions is not None:
+            if regions.size(1) != self.positions.size(0):
+                raise ValueError(f"the decoder was trained on {self.positions.size(0)} regions per image, "
+                                 f"these features have {regions.size(1)}")
+            regions = regions + self.positions  # (B, P, R)
         keys = self.attention.keys(regions)  # (B, P, A)
         mean = regions.mean(dim=1)  # (B, R)
         h = torch.tanh(self.init_h(mean))  # (B, D)

@@ -216,12 +216,25 @@ def _gather(value, world: int) -> list:
     return out
 
 
-def feature_statistics(dataset, *, max_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the region features over a sample of train images."""
-    total, total_sq, count = None, None, 0
-    for batch in dataset.select_columns([FEATURES]).limit(max_images).iter_batches(batch_size=256,
-                                                                                   batch_format="numpy"):
-        x = batch[FEATURES].astype(np.float64)  # (B, P, E)
+def feature_statistics(uri: str, *, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the region features over the first ``max_images`` images of a split.
+
+    Read here with pyarrow: a sample of a few thousand rows needs no Ray Data execution (which costs
+    seconds to start), and the driver reads it whether or not the cluster has CPUs free yet.
+    """
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    total, total_sq, count, images = None, None, 0, 0
+    for record_batch in pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=[FEATURES],
+                                                                                        batch_size=256):
+        if images >= max_images:
+            break
+        record_batch = record_batch.slice(0, max_images - images)
+        images += record_batch.num_rows
+        if not record_batch.num_rows:
+            continue
+        x = record_batch.column(FEATURES).to_numpy_ndarray().astype(np.float64)  # (B, P, E)
         x = x.reshape(-1, x.shape[-1])  # (B·P, E)
         total = x.sum(0) if total is None else total + x.sum(0)
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
@@ -259,7 +272,8 @@ def train(config: TrainConfig) -> dict:
     decoder_config = DecoderConfig(vocab_size=len(vocab), feature_dim=info["num_features"], kind=config.decoder,
                                    embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
                                    projection_dim=config.projection_dim, attention_dim=config.attention_dim,
-                                   dropout=config.dropout, start_id=vocab.start_id, end_id=vocab.end_id)
+                                   dropout=config.dropout, start_id=vocab.start_id, end_id=vocab.end_id,
+                                   num_regions=info["num_regions"] if config.position_embeddings else 0)
     run_dir = storage.join(config.out, config.name)
     previous = existing_checkpoints(run_dir)
     if previous:
@@ -280,11 +294,13 @@ def train(config: TrainConfig) -> dict:
                          f"machine has {machine.gpus:g} GPUs")
     if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
-    train_ds, val_ds, mean, std = _read_features(config, info)
     train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
     share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
+    hold = share_bytes <= config.in_memory_gb * 2**30
+    train_ds, val_ds = _read_features(config, info, materialize=not hold)
+    mean, std = feature_statistics(storage.join(config.features, "train"), max_images=config.stats_images)
     loop_config = {
-        "hold": share_bytes <= config.in_memory_gb * 2**30,
+        "hold": hold,
         "metrics_uri": storage.join(run_dir, METRICS_LOG),
         "train": asdict(config),
         "vocab": vocab.words,
@@ -364,8 +380,12 @@ READ_ATTEMPTS = 3
 autoscaler scaling an idle node down as a reader lands on it) kills Ray Data's readers with it."""
 
 
-def _read_features(config: TrainConfig, info: dict):
-    """The train and val datasets (materialized when small) and the per-channel feature statistics."""
+def _read_features(config: TrainConfig, info: dict, *, materialize: bool):
+    """The train and val datasets; with ``materialize``, kept in Ray's object store when they fit there.
+
+    Workers that hold their shares in memory read the files once, so their datasets stay lazy (a
+    materialization would be one more pass); streamed epochs then skip re-reading the Parquet files.
+    """
     import ray.data
     from ray.exceptions import RayError
 
@@ -373,11 +393,9 @@ def _read_features(config: TrainConfig, info: dict):
         try:
             train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
             val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
-            if _fits_in_object_store(info):
-                # Small enough to keep in Ray's object store: epochs then skip re-reading the Parquet files.
+            if materialize and _fits_in_object_store(info):
                 train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-            mean, std = feature_statistics(train_ds, max_images=config.stats_images)
-            return train_ds, val_ds, mean, std
+            return train_ds, val_ds
         except RayError as exc:  # a Ray failure (a lost node, a dead reader), not a bad dataset
             if attempt == READ_ATTEMPTS:
                 raise

@@ -153,8 +153,8 @@ def _other_args(command: str, option: cli.Option) -> list[str]:
                "--encoder.weights": "none", "--test-fraction": "0.2", "--dropout": "0.5", "--name": "other",
                "--label-smoothing": "0.1",
                "--encoder.name": "resnet18"}
-    if option.kind is bool:
-        return [option.flag]
+    if option.kind is bool:  # --x, or --no-x where the default is on
+        return ["--no-" + option.flag[2:] if option.default else option.flag]
     if option.flag in special:
         return [option.flag, special[option.flag]]
     if option.kind in (str, tuple):

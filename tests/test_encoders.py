@@ -144,6 +144,41 @@ def test_lite0_unknown_layer(layer):
         build_encoder(EncoderSpec("efficientnet_lite0", "none", 64, layer=layer))
 
 
+@pytest.mark.parametrize("layers,channels", [("blocks.7+blocks.10", 80 + 112), ("blocks.10+blocks.7", 80 + 112),
+                                              ("blocks.5+blocks.7+blocks.10", 80 + 80 + 112)])
+def test_lite0_layers_of_one_grid_concatenate_per_region(layers, channels):
+    joined = build_encoder(EncoderSpec("efficientnet_lite0", "none", 128, layer=layers))
+    alone = {block: build_encoder(EncoderSpec("efficientnet_lite0", "none", 128, layer=f"blocks.{block}"))
+             for block in (7, 10)}
+    x = images(2, 128)
+    with torch.no_grad():
+        regions = joined(x)
+    assert (joined.num_regions, joined.num_features) == (64, channels) and regions.shape == (2, 64, channels)
+    assert torch.allclose(regions[..., -112:], alone[10](x), atol=1e-5)  # block order, whatever the order given
+    assert torch.allclose(regions[..., -192:-112], alone[7](x), atol=1e-5)
+
+
+def test_torchvision_layers_of_one_grid_concatenate_per_region():
+    spec = EncoderSpec("resnet18", "none", 128, layer="layer4.0.relu_1+layer4.1.relu_1")
+    joined, last = build_encoder(spec), build_encoder(EncoderSpec("resnet18", "none", 128, layer="layer4.1.relu_1"))
+    x = images(2, 128)
+    with torch.no_grad():
+        regions = joined(x)
+    assert regions.shape == (2, 16, 1024) and joined.spec.layer == spec.layer
+    assert torch.allclose(regions[..., 512:], last(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,layers,message", [
+    ("efficientnet_lite0", "blocks.7+head", "share one grid of regions; got blocks.7 8×8, head 4×4"),
+    ("efficientnet_lite0", "blocks.7+blocks.7", "distinct layers joined by '+'"),
+    ("efficientnet_lite0", "blocks.7+", "distinct layers joined by '+'"),
+    ("resnet18", "layer3.1.relu_1+layer4.1.relu_1", "share one grid of regions"),
+])
+def test_joined_layers_must_share_a_grid_and_be_distinct(name, layers, message):
+    with pytest.raises(EncoderError, match=message.replace("+", r"\+")):
+        build_encoder(EncoderSpec(name, "none", 128, layer=layers))
+
+
 def test_torchvision_unknown_layer():
     with pytest.raises(EncoderError, match="no layer 'nope'"):
         build_encoder(EncoderSpec("resnet18", "none", 64, layer="nope"))

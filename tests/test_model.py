@@ -81,7 +81,7 @@ def teacher_forced_mean_logp(decoder: Decoder, features: torch.Tensor, tokens: t
 @pytest.mark.parametrize("bad", [
     dict(kind="transformer"), dict(vocab_size=0), dict(feature_dim=-1), dict(embed_dim=0),
     dict(hidden_dim=0), dict(projection_dim=0), dict(attention_dim=0), dict(dropout=1.0),
-    dict(dropout=-0.1),
+    dict(dropout=-0.1), dict(num_regions=-1),
 ])
 def test_config_rejects_invalid_values(bad):
     args = dict(vocab_size=10, feature_dim=8) | bad
@@ -163,6 +163,37 @@ def test_feature_standardisation_buffers_are_applied():
     got, _ = decoder(raw, tokens)
     torch.testing.assert_close(got, expected)
     assert "feature_mean" in decoder.state_dict() and "feature_std" in decoder.state_dict()
+
+
+def test_position_embeddings_tell_regions_with_the_same_features_apart():
+    # Two images with one object in different places: without a position per region, a permutation of
+    # the regions is invisible to the decoder (attention pools a set); with one, the captions' logits differ.
+    torch.manual_seed(0)
+    plain = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, **TINY))
+    placed = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, **TINY))
+    features = torch.randn(1, 9, 16)
+    moved = features[:, torch.randperm(9, generator=torch.Generator().manual_seed(1))]
+    tokens = random_tokens(1, 6, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(features, tokens)[0], plain(moved, tokens)[0])
+        assert not torch.allclose(placed(features, tokens)[0], placed(moved, tokens)[0], atol=1e-4)
+    assert placed.state_dict()["positions"].shape == (9, 16) and "positions" not in plain.state_dict()
+    loss = placed(features, tokens)[0].square().mean()
+    loss.backward()
+    assert placed.positions.grad is not None and placed.positions.grad.abs().sum() > 0
+
+
+def test_position_embeddings_refuse_features_with_another_number_of_regions():
+    decoder = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, **TINY))
+    with pytest.raises(ValueError, match="trained on 9 regions per image, these features have 16"):
+        decoder.greedy(torch.randn(1, 16, 16), max_length=4)
+
+
+def test_checkpoint_configs_from_before_position_embeddings_still_load():
+    old = {k: v for k, v in DecoderConfig(vocab_size=12, feature_dim=16, **TINY).to_dict().items() if k != "num_regions"}
+    decoder = Decoder(DecoderConfig(**old))
+    decoder.load_state_dict(tiny_decoder("gru").state_dict())  # strict: same tensors as before
+    assert decoder.positions is None
 
 
 # --- greedy and beam search --------------------------------------------------------------------------
