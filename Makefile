@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/capray demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) bench/caption_throughput.py --json bench-output/caption_throughput.json
