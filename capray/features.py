@@ -26,6 +26,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
+from capray.precision import STORED, autocast_dtype
 from capray.runtime import (ActorPlan, ModelThread, ensure_ray, local_machine, map_with_retries, plan_actors,
                             wait_for_resources)
 from capray.vocab import Vocabulary
@@ -69,9 +70,10 @@ class Encoder:
     def _encode(self, batch: pa.Table) -> pa.Table:
         pixels = batch[PIXELS].combine_chunks().to_numpy_ndarray()  # (B, H, W, 3) uint8, zero-copy
         images = torch.from_numpy(np.array(pixels)).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        dtype = autocast_dtype(self.device)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             features = self.encoder(images)  # (B, P, E)
-        features = features.to(torch.float16).cpu().numpy()
+        features = features.to(STORED).cpu().numpy()
         return batch.drop_columns([PIXELS]).append_column(
             FEATURES, pa.FixedShapeTensorArray.from_numpy_ndarray(features)).select(
             [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS])

@@ -23,6 +23,7 @@ from capray.config import TrainConfig
 from capray.formats import CAPTIONS, FEATURES, TOKENS
 from capray.metrics import score_captions
 from capray.model import Decoder
+from capray.precision import autocast_dtype
 from capray.vocab import Vocabulary
 
 
@@ -145,10 +146,9 @@ def caption_loss(model: torch.nn.Module, batch: Batch, *, attention_weight: floa
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
-    """Mixed precision on GPUs only: bf16 where supported (no loss scaling needed), else fp16."""
-    if device.type != "cuda":
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Mixed precision on GPUs only, by ``capray.precision``: bf16 where native (no loss scaling), else fp16."""
+    dtype = autocast_dtype(device)
+    return (False, torch.float32) if dtype is None else (True, dtype)
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from capray import storage
+from capray.captioning import CaptionConfig, caption
 from capray.checkpoint import load_checkpoint, model_state, resolve_checkpoint, write_checkpoint
 from capray.encoders import EncoderSpec
 from capray.evaluation import EvaluateConfig, attend, evaluate
@@ -122,6 +123,27 @@ def test_a_second_invocation_resumes_and_the_model_learns(pipeline, faulted_run)
     print(f"\nshapes world, held-out test split after {more.epochs} epochs: BLEU-4 {written['bleu4']:.3f} "
           f"(untrained {untrained:.3f}), object accuracy {written['object_accuracy']:.3f}")  # shown with -s
     assert written["bleu4"] > untrained + 0.2, (written["bleu4"], untrained)
+
+
+def test_caption_writes_the_captions_evaluate_scores(pipeline, faulted_run, tmp_path):
+    """One precision policy: caption (encoder live, on decoded images) and evaluate (features read back
+    from prepare's fp16 shards) give the same text for every test image, from the same checkpoint."""
+    import pyarrow.parquet as pq
+
+    config, _, _ = faulted_run
+    checkpoint = resolve_checkpoint(f"{config.out}/{config.name}")
+    evaluate(EvaluateConfig(checkpoint=checkpoint, features=pipeline["features"], out=str(tmp_path / "eval"),
+                            beam_size=3))
+    scored = {r["image_id"]: r["caption"] for r in storage.read_json(str(tmp_path / "eval" / RESULTS_FILE))}
+    summary = caption(CaptionConfig(input=f"{pipeline['root']}/shapes/images/test", out=str(tmp_path / "captions"),
+                                    checkpoint=checkpoint, beam_size=3, batch_size=8))
+    rows = [row for shard in sorted((tmp_path / "captions").glob("*.parquet"))
+            for row in pq.read_table(shard).to_pylist()]
+    written = {storage.basename(row["path"]).rsplit(".", 1)[0]: row["caption"] for row in rows}
+    assert summary.errors == 0 and len(rows) == len(written) == len(scored) > 20
+    different = {i: (written[i], scored[i]) for i in scored if written.get(i) != scored[i]}
+    assert not different, different
+    assert len(set(scored.values())) > 3  # a model that says one thing for every image would prove nothing
 
 
 def test_a_run_can_be_watched_metrics_curves_and_attention_maps(pipeline, faulted_run):

@@ -1,0 +1,33 @@
+"""capray.precision: one policy for the encoder, the stored features, the decoder and training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capray.loop import amp_settings
+from capray.precision import STORED, as_stored, autocast_dtype, half_dtype
+
+
+@pytest.mark.parametrize("capability,dtype", [
+    ((7, 0), torch.float16),  # V100: no native bf16 (is_bf16_supported() says yes, emulated)
+    ((7, 5), torch.float16),  # T4
+    ((8, 0), torch.bfloat16),  # A100
+    ((8, 9), torch.bfloat16),  # L4
+    ((9, 0), torch.bfloat16),  # H100, H200
+])
+def test_half_precision_is_bf16_only_where_native(capability, dtype):
+    assert half_dtype(capability) == dtype
+
+
+def test_cpus_run_everything_in_fp32():
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert amp_settings(torch.device("cpu")) == (False, torch.float32)
+
+
+def test_features_reach_the_decoder_as_prepare_stores_them():
+    features = torch.randn(2, 4, 8) * 300  # some values past fp16's fine steps
+    stored = torch.from_numpy(features.numpy().astype(np.float16))  # prepare's Parquet column
+    got = as_stored(features)
+    assert STORED == torch.float16 and got.dtype == torch.float32
+    assert torch.equal(got, stored.float()) and not torch.equal(got, features)
