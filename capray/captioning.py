@@ -280,15 +280,12 @@ class Captioner:
         import torch
 
         from capray.checkpoint import load_checkpoint
-        from capray.precision import autocast_dtype
+        from capray.precision import EncoderStage
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        torch.set_num_threads(threads)  # its CPU share: decode tasks use the rest
         model = load_checkpoint(checkpoint, device=self.device)
-        self.encoder, self.decoder, self.vocab = model.encoder, model.decoder, model.vocab
-        self.autocast_dtype = autocast_dtype(self.device)  # capray.precision: the encoder's, as in prepare
-        if use_gpu:  # channels-last convolutions: the tensor cores' fast path
-            self.encoder.to(memory_format=torch.channels_last)
+        self.encoder = EncoderStage(model.encoder, self.device, threads=threads)  # as prepare runs it
+        self.decoder, self.vocab = model.decoder, model.vocab
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [str(e) for e in batch[ERROR]]
@@ -318,17 +315,9 @@ class Captioner:
     def _caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         import torch
 
-        from capray.precision import as_stored
-
-        with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(images))
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                features = self.encoder(pixels)  # (B, P, E)
-            # The decoder sees what evaluate reads from prepared shards: fp16-rounded features, fp32 search.
-            decoded = self.decoder.beam_search(as_stored(features), beam_size=self.beam_size,
-                                               max_length=self.max_length)
+        features = self.encoder(images)  # (B, P, E) fp16, as prepare stores them
+        with torch.inference_mode():  # fp32 search, as evaluate and validation run it (capray.precision)
+            decoded = self.decoder.beam_search(features.float(), beam_size=self.beam_size, max_length=self.max_length)
         texts = [self.vocab.decode(row) for row in decoded.tokens.tolist()]
         return texts, decoded.scores.float().cpu().numpy().astype(np.float32)
 

@@ -26,7 +26,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
-from capray.precision import STORED, autocast_dtype
+from capray.precision import EncoderStage
 from capray.runtime import (ActorPlan, ModelThread, ensure_ray, local_machine, map_with_retries, plan_actors,
                             wait_for_resources)
 from capray.vocab import Vocabulary
@@ -56,24 +56,15 @@ class Encoder:
         self._model_thread.run(self._load, spec, use_gpu=use_gpu, threads=threads)
 
     def _load(self, spec: dict, *, use_gpu: bool, threads: int) -> None:
-        if not use_gpu:
-            torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.encoder = build_encoder(EncoderSpec(**spec)).to(self.device)
-        if use_gpu:
-            self.encoder.to(memory_format=torch.channels_last)
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.encoder = EncoderStage(build_encoder(EncoderSpec(**spec)), device, threads=threads)  # as caption runs it
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._model_thread.run(self._encode, batch)
 
-    @torch.inference_mode()
     def _encode(self, batch: pa.Table) -> pa.Table:
         pixels = batch[PIXELS].combine_chunks().to_numpy_ndarray()  # (B, H, W, 3) uint8, zero-copy
-        images = torch.from_numpy(np.array(pixels)).to(self.device, non_blocking=True)
-        dtype = autocast_dtype(self.device)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            features = self.encoder(images)  # (B, P, E)
-        features = features.to(STORED).cpu().numpy()
+        features = self.encoder(pixels).cpu().numpy()  # (B, P, E) fp16
         return batch.drop_columns([PIXELS]).append_column(
             FEATURES, pa.FixedShapeTensorArray.from_numpy_ndarray(features)).select(
             [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS])

@@ -33,3 +33,35 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def as_stored(features: torch.Tensor) -> torch.Tensor:
     """Region features as the decoder reads them from a prepared dataset: rounded to fp16, then fp32."""
     return features.to(STORED).float()
+
+
+class EncoderStage:
+    """The frozen encoder on its device, run one way for prepare's ``Encoder`` and caption's ``Captioner``.
+
+    Same thread bound (the actor's CPU share, on GPU nodes too: tensor bookkeeping and copies use
+    threads), same layout (channels-last on GPUs), same copy (uint8 pinned, then non-blocking: four
+    times fewer bytes than float32), same precision (``autocast_dtype``), same output (``STORED``).
+    Call it from the actor's model thread.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device, *, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device, self.dtype = device, autocast_dtype(device)
+        self.encoder = encoder.to(device)
+        if device.type == "cuda":  # channels-last convolutions: the tensor cores' fast path
+            self.encoder.to(memory_format=torch.channels_last)
+
+    @property
+    def spec(self):
+        return self.encoder.spec
+
+    @torch.inference_mode()
+    def __call__(self, pixels) -> torch.Tensor:
+        """uint8 (B, H, W, 3) numpy → (B, P, E) ``STORED`` features on the device."""
+        import numpy as np
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.encoder(x).to(STORED)

@@ -31,3 +31,22 @@ def test_features_reach_the_decoder_as_prepare_stores_them():
     got = as_stored(features)
     assert STORED == torch.float16 and got.dtype == torch.float32
     assert torch.equal(got, stored.float()) and not torch.equal(got, features)
+
+
+def test_the_encoder_stage_prepare_and_caption_share_gives_stored_features():
+    from capray.encoders import EncoderSpec, build_encoder
+    from capray.precision import EncoderStage
+
+    saved = torch.get_num_threads()
+    try:
+        encoder = build_encoder(EncoderSpec("resnet18", "none", 64))
+        stage = EncoderStage(encoder, torch.device("cpu"), threads=1)
+        assert torch.get_num_threads() == 1  # the actor's CPU share, not the node's cores
+        pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+        features = stage(pixels)
+        with torch.no_grad():
+            expected = encoder(torch.from_numpy(pixels)).to(torch.float16)
+        assert features.dtype == STORED and features.shape == (3, 4, 512) and stage.spec.name == "resnet18"
+        assert torch.equal(features, expected)
+    finally:
+        torch.set_num_threads(saved)
