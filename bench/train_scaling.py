@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/train_scaling.py [--num-images 1200] [--features URI] [--epochs 6] [--json out.json]
 
-All runs train the demo's decoder (embed 128, hidden 256, projection 128, attention 64) on the same
-shapes-world features, batch 32 images per step, 2 captions drawn per image, 2 CPU threads in all:
+All runs train the demo's decoder (embed 128, hidden 256, projection 128, attention 128, a position
+embedding per region) on the same shapes-world features (the demo's: Lite0 blocks 7+10 at 128 px), batch 32 images per step, 2 captions drawn per image, 2 CPU threads in all:
 
 - plain: one process, 2 torch threads, no Ray, no validation; written here in plain PyTorch (its own
   batching), so it measures what capray costs on top of the model's own arithmetic;
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from capray import storage
-from capray.config import EncoderSpec, PrepareConfig, SynthConfig, TrainConfig
+from capray.config import PrepareConfig, SynthConfig, TrainConfig
+from capray.demo import demo_encoder, demo_preset
 from capray.features import prepare
 from capray.model import Decoder, DecoderConfig
 from capray.runtime import ensure_ray
@@ -36,7 +37,7 @@ from capray.synth import generate
 from capray.training import read_metrics, train
 from capray.vocab import Vocabulary
 
-DECODER = dict(embed_dim=128, hidden_dim=256, projection_dim=128, attention_dim=64)
+DECODER = dict(embed_dim=128, hidden_dim=256, projection_dim=128, attention_dim=128)
 BATCH, CAPTIONS_PER_IMAGE, THREADS = 32, 2, 2
 
 
@@ -56,7 +57,7 @@ def plain_loop(features_uri: str, *, epochs: int) -> float:
     vocab = Vocabulary.load(os.path.join(features_uri, "vocab.json"))
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=features.size(2), start_id=vocab.start_id,
-                                  end_id=vocab.end_id, **DECODER))
+                                  end_id=vocab.end_id, num_regions=features.size(1), **DECODER))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     rates = []
     for _ in range(epochs):
@@ -101,7 +102,7 @@ def main() -> None:
             manifest = generate(os.path.join(tmp, "shapes"), SynthConfig(num_images=args.num_images, image_size=128))
             ensure_ray(dashboard=True)
             prepare(PrepareConfig(annotations=manifest, out=features, actors=2, batch_size=64,
-                                  encoder=EncoderSpec("efficientnet_lite0", "imagenet", 128)))
+                                  encoder=demo_encoder(demo_preset())))
         plain = plain_loop(features, epochs=args.epochs)
         ensure_ray(dashboard=True)
         runs = os.path.join(tmp, "runs")

@@ -297,7 +297,7 @@ def train(config: TrainConfig) -> dict:
     train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
     share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
     hold = share_bytes <= config.in_memory_gb * 2**30
-    train_ds, val_ds = _read_features(config, info, materialize=not hold)
+    train_ds, val_ds = _read_features(config, info)
     mean, std = feature_statistics(storage.join(config.features, "train"), max_images=config.stats_images)
     loop_config = {
         "hold": hold,
@@ -380,11 +380,12 @@ READ_ATTEMPTS = 3
 autoscaler scaling an idle node down as a reader lands on it) kills Ray Data's readers with it."""
 
 
-def _read_features(config: TrainConfig, info: dict, *, materialize: bool):
-    """The train and val datasets; with ``materialize``, kept in Ray's object store when they fit there.
+def _read_features(config: TrainConfig, info: dict):
+    """The train and val datasets, read into Ray's object store now when they fit there.
 
-    Workers that hold their shares in memory read the files once, so their datasets stay lazy (a
-    materialization would be one more pass); streamed epochs then skip re-reading the Parquet files.
+    Read before the workers start, the data is in the object store whether or not the workers leave
+    a CPU free for Ray Data's read tasks (with every CPU held by a worker, a lazy read would wait
+    forever); streamed epochs then skip re-reading the Parquet files.
     """
     import ray.data
     from ray.exceptions import RayError
@@ -393,7 +394,7 @@ def _read_features(config: TrainConfig, info: dict, *, materialize: bool):
         try:
             train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
             val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
-            if materialize and _fits_in_object_store(info):
+            if _fits_in_object_store(info):
                 train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
             return train_ds, val_ds
         except RayError as exc:  # a Ray failure (a lost node, a dead reader), not a bad dataset

@@ -146,6 +146,26 @@ def test_caption_writes_the_captions_evaluate_scores(pipeline, faulted_run, tmp_
     assert len(set(scored.values())) > 3  # a model that says one thing for every image would prove nothing
 
 
+def test_workers_that_hold_every_cpu_still_get_their_data(pipeline, tmp_path):
+    """Two workers × 1 CPU take the whole 2-CPU local Ray: the features must be read before they start
+    (a lazy read would wait forever for a CPU). Its own process, so a hang is a timeout, not a stuck suite."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["train", "--features", pipeline["features"], "--out", str(tmp_path), "--name", "full", "--workers", "2",
+            "--cpus-per-worker", "1", "--epochs", "1", "--val-images", "8", "--attention-images", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL_DECODER.items() if k != "val_images"]]
+    try:
+        result = subprocess.run([sys.executable, "-m", "capray.cli", *args], env=env, capture_output=True, text=True,
+                                timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("capray train with every CPU held by a worker did not finish in 300 s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [e["epoch"] for e in read_metrics(str(tmp_path / "full"))] == [0]
+
+
 def test_a_run_can_be_watched_metrics_curves_and_attention_maps(pipeline, faulted_run):
     """metrics.jsonl holds each epoch once, the killed attempt's redone epochs included; plots are PNGs."""
     config, _, _ = faulted_run
