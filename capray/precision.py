@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 STORED = torch.float16
@@ -58,8 +59,6 @@ class EncoderStage:
     @torch.inference_mode()
     def __call__(self, pixels) -> torch.Tensor:
         """uint8 (B, H, W, 3) numpy → (B, P, E) ``STORED`` features on the device."""
-        import numpy as np
-
         x = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
