@@ -296,11 +296,10 @@ def train(config: TrainConfig) -> dict:
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
     train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
     share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
-    hold = share_bytes <= config.in_memory_gb * 2**30
     train_ds, val_ds = _read_features(config, info)
     mean, std = feature_statistics(storage.join(config.features, "train"), max_images=config.stats_images)
     loop_config = {
-        "hold": hold,
+        "hold": share_bytes <= config.in_memory_gb * 2**30,
         "metrics_uri": storage.join(run_dir, METRICS_LOG),
         "train": asdict(config),
         "vocab": vocab.words,
