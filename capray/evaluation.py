@@ -17,7 +17,6 @@ from capray.formats import CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RE
 from capray.images import decode_image
 from capray.metrics import score_captions
 from capray.plots import plot_attention
-from capray.synth import object_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +89,8 @@ def _object_accuracy(info: dict, ids: list[str], hypotheses: list[str]) -> float
     objects = {r.image_id: r.objects for r in records}
     if any(objects.get(i) is None for i in ids):
         return None
+    from capray.synth import object_accuracy  # only a dataset with ground-truth objects needs the shapes world
+
     return object_accuracy(hypotheses, [objects[i] for i in ids])
 
 

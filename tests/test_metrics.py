@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +84,11 @@ def test_scoring_prints_nothing(capsys):
 def test_invalid_inputs_raise(refs, hyps):
     with pytest.raises(ValueError):
         score_captions(refs, hyps)
+
+
+@pytest.mark.parametrize("module", ["capray.evaluation", "capray.cli", "capray.training", "capray.captioning"])
+def test_the_jobs_import_without_the_shapes_world(module):
+    # The shapes world is test and demo data: evaluate loads it only for a dataset with ground-truth objects.
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('capray.synth')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
