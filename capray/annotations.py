@@ -2,7 +2,8 @@
 
 ``read_annotations`` reads one file; ``read_sources`` reads several, each with its own images root, as the
 official COCO release comes (``captions_train2014.json`` + ``train2014/``, ``captions_val2014.json`` +
-``val2014/``), and can carve a deterministic test split out of val.
+``val2014/``), and can carve a deterministic test split out of val. A source may also be shards
+(``capray.shards``: WebDataset tars or Parquet files of image bytes), whose samples carry their captions.
 """
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import logging
 import posixpath
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from capray import storage
+from capray import shards, storage
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""A WebDataset sample's image is its first file with one of these extensions."""
+ANNOTATION_SUFFIXES = (".json", ".jsonl")
 
 
 class AnnotationError(ValueError):
@@ -85,7 +90,8 @@ def pair_sources(annotations: Sequence[str], images: Sequence[str]) -> list[tupl
     return list(zip(annotations, images))
 
 
-def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: float = 0.0) -> list[Record]:
+def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: float = 0.0, val_fraction: float = 0.0,
+                 image_column: str = "", key_column: str = "", caption_column: str = "") -> list[Record]:
     """Read several annotation files, each ``(URI, images root or None)``, into one list of records.
 
     Each file keeps its own splits: a COCO file is ``val`` when its name says so, else ``train``;
@@ -94,6 +100,10 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
     lands in the same split whatever the file order, the other images or the process: features,
     checkpoints and metrics of different runs stay comparable. Images already in ``test`` (Karpathy's
     split, a manifest's) stay there and train is never touched, so the carve only adds to test.
+
+    Shard samples without a split of their own (img2dataset's have none) go to test when a hash of their
+    key falls below ``test_fraction``, to val below ``test_fraction + val_fraction``, else to train; the
+    carve out of val then leaves them alone. ``*_column``: see ``read_shard_records``.
 
     An image id in two files is refused (in two splits it would leak evaluation images into training;
     in one it would be encoded and weighted twice), as is a ``test_fraction`` outside [0, 1) or one with
@@ -105,9 +115,19 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
     if not sources:
         raise AnnotationError("no annotation files given")
     records: list[Record] = []
+    hashed: set[str] = set()  # shard samples whose split came from the hash, not from the data
     first_seen: dict[str, tuple[int, str, str]] = {}  # image_id → (source index, URI, split)
     for index, (uri, images) in enumerate(sources):
-        source_records = read_annotations(uri, images=images)
+        kind = shards.detect(uri, IMAGE_EXTENSIONS) if not uri.lower().endswith(ANNOTATION_SUFFIXES) else None
+        if kind is None:
+            source_records = read_annotations(uri, images=images)
+        elif images:
+            raise AnnotationError(f"{uri}: shards hold their own images; give no --images for them")
+        else:
+            source_records, source_hashed = read_shard_records(
+                uri, kind, val_fraction=val_fraction, test_fraction=test_fraction, image_column=image_column,
+                key_column=key_column, caption_column=caption_column)
+            hashed |= source_hashed
         for r in source_records:
             other = first_seen.setdefault(r.image_id, (index, uri, r.split))
             if other[0] != index:
@@ -116,17 +136,62 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
         records.extend(source_records)
     if test_fraction == 0:
         return records
-    if not any(r.split == "val" for r in records):
+    if not any(r.split == "val" and r.image_id not in hashed for r in records):
+        if hashed:  # every val image came from the hash, which already made the test split
+            return records
         raise AnnotationError(f"--test-fraction {test_fraction} carves test out of val, but there are no val "
                               f"images in {', '.join(uri for uri, _ in sources)} "
                               f"(a COCO file is val when its name says so, e.g. captions_val2014.json)")
-    carved = [replace(r, split="test") if r.split == "val" and stable_share(r.image_id) < test_fraction else r
-              for r in records]
+    carved = [replace(r, split="test") if r.split == "val" and r.image_id not in hashed
+              and stable_share(r.image_id) < test_fraction else r for r in records]
     num_val = sum(r.split == "val" for r in records)
     num_moved = num_val - sum(r.split == "val" for r in carved)
     log.info("--test-fraction %g: %d of %d val images moved to test (%d test images already in the files kept)",
              test_fraction, num_moved, num_val, sum(r.split == "test" for r in records))
     return carved
+
+
+def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fraction: float, image_column: str = "",
+                       key_column: str = "", caption_column: str = "") -> tuple[list[Record], set[str]]:
+    """The records of WebDataset or Parquet shards, and the ids of those whose split came from the hash.
+
+    A record's ``image_id`` and ``image`` are the sample's path (``shard#key``). Its captions are the
+    ``caption_column`` field, else the first of ``captions`` (a list), ``caption``, ``txt`` (a tar's
+    .txt), ``text`` the sample has; its split the sample's ``split`` field, else by a hash of the key;
+    ``objects`` (the shapes world's ground truth) is kept when there. Broken samples, and whole shards that
+    cannot be read, are records too: prepare's decode step lists them as errors, never drops them silently.
+    The shards are read here, on the driver, several at a time (a tar is read whole, images included).
+    """
+    uris = shards.list_shards(uri, kind)
+    if not uris:
+        raise AnnotationError(f"{uri}: no {kind} shards")
+    fields = (caption_column,) if caption_column else shards.CAPTION_FIELDS
+    columns = (*fields, "split", "objects")
+
+    def read(shard: str) -> list[tuple[Record, bool]]:
+        out = []
+        for sample in shards.iter_samples(shard, image_extensions=IMAGE_EXTENSIONS, image_column=image_column,
+                                          key_column=key_column, columns=columns):
+            captions = next((sample.fields[f] for f in fields if sample.fields.get(f)), ())
+            captions = (captions,) if isinstance(captions, str) else tuple(str(c) for c in captions)
+            split = sample.fields.get("split")
+            split = "train" if split == "restval" else split
+            from_hash = split not in SPLITS
+            if from_hash:
+                share = stable_share(sample.key if sample.key is not None else sample.path)
+                split = "test" if share < test_fraction else "val" if share < test_fraction + val_fraction else "train"
+            objects = sample.fields.get("objects")
+            if isinstance(objects, str):  # Parquet keeps them as JSON text
+                objects = json.loads(objects)
+            out.append((Record(image_id=sample.path, image=sample.path, captions=tuple(c.strip() for c in captions),
+                               split=split, objects=tuple(objects) if objects is not None else None), from_hash))
+        return out
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # S3 reads wait on the network: overlap them
+        parts = list(pool.map(read, uris))
+    records = [r for part in parts for r, _ in part]
+    log.info("%s: %d samples in %d %s shard(s)", uri, len(records), len(uris), kind)
+    return records, {r.image_id for part in parts for r, from_hash in part if from_hash}
 
 
 def stable_share(image_id: str) -> float:

@@ -3,7 +3,9 @@
 The data path, and where each step runs::
 
     driver   capray.listing: list the input, drop what OUT already holds, stream the rest into listing shards
-    tasks    read each object's bytes (through capray.storage) and decode it (CPU, one row per image)
+             (for WebDataset / Parquet input, capray.shards: list the shards, one unit of work each)
+    tasks    read each object's bytes (through capray.storage) and decode it (CPU, one row per image);
+             or stream one shard, skip the samples OUT holds, decode the rest (a block every ~256)
     actors   Captioner: encoder + batched beam search, the checkpoint loaded once per actor
     tasks    capray.sink: one Parquet shard per write task, written atomically under a run-unique name
 
@@ -12,7 +14,8 @@ says why. A run is resumable because a shard only ever appears whole (local file
 hidden temporary name and renamed; an S3 object appears when its upload completes) and its name is
 fixed by (run, write task), so a retried write task overwrites its own shard instead of adding one.
 Before a run, the ``path`` column of the shards already in OUT is read (as 16-byte digests, so
-millions of paths cost tens of MB) and those images are not listed again.
+millions of paths cost tens of MB) and those images are not listed again. A shard's samples are only
+known once it is read, so for sharded input those digests go to the tasks, which skip done samples.
 
 Why not Ray Data's own checkpointing (``DataContext.checkpoint_config``)? It does the same
 filtering, but adds an actor pool of at least one 1-CPU actor with a 1 GiB memory reservation
@@ -22,6 +25,8 @@ re-run to skip anything, and would still need the full-URI path shards below.
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import time
 import uuid
@@ -34,13 +39,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capray import storage
+from capray import shards, storage
 from capray.config import CaptionConfig
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
-from capray.listing import LISTING_DIR, drop_error_rows, finished_paths, input_kind, input_paths, write_listing
+from capray.listing import (LISTING_DIR, contains, digests_of, drop_error_rows, finished_paths, input_kind,
+                            input_paths, write_listing)
 from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
-from capray.sink import RETRY, ShardSink, delete_shards, shard_metadata
+from capray.sink import RETRY, ShardSink, caption_schema, delete_shards, shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ DECODE_TASK_RETRIES = 10
 """Ray retries of a decode task that raised ``TransientStorageError`` (reading its listing shard)."""
 READ_THREADS = 16  # concurrent object reads per decode task: S3 GETs are latency-bound
 MAX_BLOCKS = 10_000  # decode tasks per run at most: Ray Data keeps some driver memory per block
+DONE_FILE = "done.npy"
+"""``OUT/_listing/<run>/done.npy``: sorted digests of the paths OUT holds, for the tasks reading shards."""
 
 
 @dataclass
@@ -89,38 +97,56 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     started = time.perf_counter()
     storage.check_bucket(config.input)
     storage.check_bucket(config.out)
-    source = input_kind(config.input)
+    source = _input_kind(config)
+    sharded = source in (shards.WEBDATASET, shards.PARQUET)
+    columns = config.keep_columns if sharded else ()
     model = _validate_checkpoint(config.checkpoint)
     settings = {
         "checkpoint": model["uri"],
         "beam_size": config.beam_size,
         "max_length": config.max_length,
         "encoder": model["encoder"],
+        "columns": list(columns),
     }
+    input_shards = shards.list_shards(config.input, source) if sharded else []
+    if sharded and not input_shards:
+        raise ValueError(f"--input {config.input}: no {source} shards")
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output = config.out
-    done, with_errors = (np.empty(0, dtype="S16"), []) if config.overwrite else finished_paths(
-        output, settings, retry_errors=config.retry_errors)
+    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], 0) if config.overwrite else finished_paths(
+        output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
     listing = storage.join(output, LISTING_DIR, run_id)
     storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
-    paths = input_paths(config.input, source, config.extensions)
-    total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix",
-                                           group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
-    if total == 0:
-        storage.delete_dir(storage.join(output, LISTING_DIR))
-        raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
+    group_rows = _decode_rows(config.batch_size, config.rows_per_shard)
+    if sharded:  # a unit of work is a shard; its tasks skip the samples in done.npy
+        storage.write_bytes(storage.join(listing, DONE_FILE), _npy_bytes(done))
+        _, _, units = write_listing(iter(input_shards), np.empty(0, dtype="S16"), listing, group_rows=1)
+        total, skipped = None, done_in_shards
+    else:
+        paths = input_paths(config.input, source, config.extensions)
+        total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix", group_rows=group_rows)
+        if total == 0:
+            storage.delete_dir(storage.join(output, LISTING_DIR))
+            raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
     if config.overwrite:
         delete_shards(output)
     for uri in with_errors:  # --retry-errors: their images are listed again, so their error rows go
         drop_error_rows(uri)
     storage.delete_file(storage.join(output, SUMMARY_FILE))  # its presence means "the last run finished"
-    log.info("caption: %d images in %s, %d already captioned, %d to do → %s (run %s)",
-             total, config.input, skipped, total - skipped, output, run_id)
+    if sharded:
+        log.info("caption: %d %s shard(s) in %s, %d of their samples already captioned → %s (run %s)",
+                 len(input_shards), source, config.input, skipped, output, run_id)
+    else:
+        log.info("caption: %d images in %s, %d already captioned, %d to do → %s (run %s)",
+                 total, config.input, skipped, total - skipped, output, run_id)
 
-    ok = errors = retryable = shards = 0
-    if total > skipped:
-        ok, errors, retryable, shards = _run(config, units=units, output=output, run_id=run_id,
-                                  image_size=model["image_size"], settings=settings)
+    ok = errors = retryable = written = 0
+    if sharded or total > skipped:
+        ok, errors, retryable, written = _run(config, units=units, output=output, run_id=run_id,
+                                              image_size=model["image_size"], settings=settings,
+                                              done=storage.join(listing, DONE_FILE) if sharded else None)
+    if sharded:  # a shard's samples are counted as they are read
+        total = skipped + ok + errors + retryable
     storage.delete_dir(storage.join(output, LISTING_DIR))
     wall = time.perf_counter() - started
     if retryable:
@@ -129,7 +155,7 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=skipped, retryable=retryable,
                              wall_seconds=round(wall, 3),
                              images_per_s=round((ok + errors) / wall, 3) if wall > 0 else 0.0,
-                             output=output, run_id=run_id, shards=shards, settings=settings)
+                             output=output, run_id=run_id, shards=written, settings=settings)
     storage.write_json(storage.join(output, SUMMARY_FILE), summary.to_dict())  # written last
     return summary
 
@@ -143,6 +169,28 @@ def print_summary(summary: CaptionSummary) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     print("  ".join(str(v).rjust(w) for v, w in zip(values, widths)))
     print(f"captions: {summary.output} ({summary.shards} new shard(s), run {summary.run_id})")
+
+
+def _input_kind(config: CaptionConfig) -> str:
+    """``prefix``, ``manifest``, ``image`` (loose images) or ``webdataset`` / ``parquet`` (shards)."""
+    if shards.is_pattern(config.input):
+        return shards.detect(config.input, config.extensions)
+    kind = input_kind(config.input)
+    if kind in ("prefix", "image"):
+        return shards.detect(config.input, config.extensions) or kind
+    return kind
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digests(uri: str) -> np.ndarray:
+    """The run's done digests, read once per worker process."""
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
 def _validate_checkpoint(uri: str) -> dict:
@@ -159,8 +207,9 @@ def _validate_checkpoint(uri: str) -> dict:
 
 
 def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, run_id: str, image_size: int,
-         settings: dict) -> tuple[int, int, int, int]:
-    """Caption the listed paths into shards in ``output``; returns (ok, errors, retryable, shards)."""
+         settings: dict, done: str | None) -> tuple[int, int, int, int]:
+    """Caption the listed paths (or, with ``done``, the listed input shards) into shards in ``output``;
+    returns (ok, errors, retryable, shards)."""
     import ray
 
     from capray.runtime import ensure_ray, local_machine, map_with_retries, wait_for_resources
@@ -171,15 +220,23 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
     log.info("caption: %s; decode tasks × %g CPU", plan.describe(), decode_cpus)
     if machine is None:  # a cluster: the first captioner may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="caption")
-    sink = ShardSink(output, run_id=run_id, metadata=shard_metadata(settings), rows_per_shard=config.rows_per_shard)
+    columns = tuple(settings["columns"])
+    sink = ShardSink(output, run_id=run_id, metadata=shard_metadata(settings), rows_per_shard=config.rows_per_shard,
+                     columns=columns)
     # One block per unit (up to MAX_BLOCKS), so decode tasks spread over the nodes as they join. Ray's
     # file readers are not used: their listing task takes a whole CPU, which the captioners hold on a
     # small machine.
     ds = ray.data.from_items([{LISTING: uri, GROUP: group} for uri, group in units],
                              override_num_blocks=min(len(units), MAX_BLOCKS))
-    ds = map_with_retries(ds, read_and_decode, fn_kwargs={"image_size": image_size}, batch_size=1,
-                          batch_format="numpy", num_cpus=decode_cpus, max_retries=DECODE_TASK_RETRIES,
-                          retry_exceptions=[storage.TransientStorageError])
+    if done is None:
+        decode, kwargs = read_and_decode, {"image_size": image_size}
+    else:
+        decode, kwargs = read_shard, {
+            "image_size": image_size, "done": done, "rows": _decode_rows(config.batch_size, config.rows_per_shard),
+            "image_extensions": config.extensions, "image_column": config.image_column,
+            "key_column": config.key_column, "columns": columns}
+    ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
+                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={
                             "checkpoint": settings["checkpoint"], "beam_size": config.beam_size,
                             "max_length": config.max_length, "threads": plan.threads,
@@ -240,6 +297,52 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
             RETRY: retry}
 
 
+def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, rows: int,
+               image_extensions: tuple[str, ...], image_column: str, key_column: str,
+               columns: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+    """CPU task: the input shards of listing units → decoded samples, ``rows`` at a time, skipping done ones.
+
+    The columns of ``read_and_decode``, plus each of ``columns`` (text, None where a sample lacks it).
+    A broken sample, and a shard that is missing, truncated or unreadable, is a row with ``error``.
+    """
+    finished = _load_digests(done)
+    pending: list[shards.Sample] = []
+    for uri, group in zip(batch[LISTING], batch[GROUP]):
+        fs, path = storage.resolve(str(uri))
+        with fs.open_input_file(path) as f:
+            listed = pq.ParquetFile(f).read_row_group(int(group), columns=[PATH]).column(PATH).to_pylist()
+        for shard in listed:
+            for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
+                                              key_column=key_column, columns=columns):
+                if contains(finished, digests_of([sample.path]))[0]:
+                    continue
+                pending.append(sample)
+                if len(pending) == rows:
+                    yield _decoded(pending, image_size, columns)
+                    pending = []
+    if pending:
+        yield _decoded(pending, image_size, columns)
+
+
+def _decoded(samples: list[shards.Sample], image_size: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    n = len(samples)
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+    errors = np.full(n, "", dtype=object)
+    for i, sample in enumerate(samples):
+        try:
+            if sample.error is not None:
+                raise ImageDecodeError(sample.error)
+            images[i], widths[i], heights[i] = decode_image(sample.image, image_size)
+        except ImageDecodeError as exc:
+            errors[i] = str(exc) or type(exc).__name__
+    batch = {PATH: np.array([s.path for s in samples], dtype=object), IMAGE: images, WIDTH: widths,
+             HEIGHT: heights, ERROR: errors, RETRY: np.zeros(n, dtype=bool)}
+    for column in columns:
+        batch[column] = np.array([s.value(column) for s in samples], dtype=object)
+    return batch
+
+
 def _prefetch(uris: list[str]) -> Iterator[bytes | storage.StorageError | storage.TransientStorageError]:
     """The objects' bytes in order, ``READ_THREADS`` reads in flight (S3 GETs wait on the network).
 
@@ -259,6 +362,10 @@ def _prefetch(uris: list[str]) -> Iterator[bytes | storage.StorageError | storag
             pending.append(pool.submit(read, uri))
         while pending:
             yield pending.popleft().result()
+
+
+_DECODED = frozenset({PATH, IMAGE, WIDTH, HEIGHT, ERROR, RETRY})
+"""The columns a decode task always gives; any other is a kept source column."""
 
 
 class Captioner:
@@ -298,6 +405,7 @@ class Captioner:
             for i, text in zip(np.flatnonzero(ok), texts):
                 captions[i] = text
             scores[ok] = values
+        kept = [c for c in batch if c not in _DECODED]  # the source's kept columns (sharded input)
         return pa.table({
             PATH: pa.array([str(p) for p in batch[PATH]], pa.string()),
             CAPTION: pa.array(captions, pa.string()),
@@ -306,7 +414,8 @@ class Captioner:
             HEIGHT: pa.array(batch[HEIGHT], pa.int32(), mask=~ok),
             ERROR: pa.array([e or None for e in errors], pa.string()),
             RETRY: pa.array(batch[RETRY], pa.bool_()),
-        }, schema=CAPTION_SCHEMA.append(pa.field(RETRY, pa.bool_())))
+            **{c: pa.array([v if v is None else str(v) for v in batch[c]], pa.string()) for c in kept},
+        }, schema=caption_schema(tuple(kept)).insert(len(CAPTION_SCHEMA), pa.field(RETRY, pa.bool_())))
 
     def caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         """uint8 (B, H, W, 3) → B captions and their mean log-probability per token."""

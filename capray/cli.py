@@ -311,8 +311,9 @@ def _dispatch(command: str, config: Any) -> None:
     if command == "synth":
         from capray.synth import generate
 
-        manifest = generate(config.out, config.world)
-        print(f"wrote {config.world.num_images} images; manifest: {manifest}")
+        written = generate(config.out, config.world, format=config.format, samples_per_shard=config.samples_per_shard)
+        what = "manifest" if config.format == "files" else f"{config.format} shards"
+        print(f"wrote {config.world.num_images} images; {what}: {written}")
     elif command == "prepare":
         from capray.features import prepare, print_summary
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 from capray import storage
 from capray.annotations import SPLITS, pair_sources
+from capray.formats import CAPTION_SCHEMA
 
 FLAT = MappingProxyType({"flat": True})
 """``field(metadata=FLAT)``: a nested dataclass whose options take no prefix on the command line."""
@@ -54,6 +55,10 @@ def _set(config, name: str, value) -> None:
 
 
 # --- synth ---------------------------------------------------------------------------------------
+
+SYNTH_FORMATS = ("files", "webdataset", "parquet")
+"""The layouts ``capray synth`` writes (see :mod:`capray.synth`)."""
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -102,12 +107,21 @@ class SynthJob:
     """``capray synth``: generate the shapes world, a captioned dataset with ground truth."""
 
     out: str
-    """Where the images and ``manifest.jsonl`` go (URI)."""
+    """Where the dataset goes (URI)."""
     world: SynthConfig = field(metadata=FLAT)
     """What is drawn."""
+    format: Literal["files", "webdataset", "parquet"] = "files"
+    """``files``: one PNG per image under ``images/`` and ``manifest.jsonl``; ``webdataset``: img2dataset's
+    tar shards ``shards/00000.tar`` (``KEY.jpg``, ``KEY.txt``, ``KEY.json`` per image); ``parquet``:
+    ``parquet/00000.parquet`` with the JPEG bytes in a column."""
+    samples_per_shard: int = 1000
+    """Images per tar or Parquet file (the last one holds the rest); unused by ``files``."""
 
     def __post_init__(self):
         _set(self, "out", storage.normalize(self.out))
+        if self.format not in SYNTH_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(SYNTH_FORMATS)}, got {self.format!r}")
+        _at_least_one(self, "samples_per_shard")
 
 
 # --- prepare -------------------------------------------------------------------------------------
@@ -154,14 +168,26 @@ class PrepareConfig:
 
     annotations: tuple[str, ...]
     """COCO captions JSON, Karpathy split JSON or JSONL manifest (URI); repeat the flag to read several
-    together, e.g. COCO's ``captions_train2014.json`` and ``captions_val2014.json``."""
+    together, e.g. COCO's ``captions_train2014.json`` and ``captions_val2014.json``. Or shards that hold
+    images and captions together: WebDataset ``.tar`` files (caption: the sample's .txt) or Parquet files
+    with an image-bytes column (a prefix of them, one file, or a brace pattern ``.../{00000..00099}.tar``)."""
     out: str
     """Feature dataset location (URI)."""
     images: tuple[str, ...] = ()
     """Root of relative image paths (default: the annotation file's folder); repeat to pair one with
     each ``--annotations``, in order."""
     test_fraction: float = 0.0
-    """Share of the val images moved to a test split, chosen by a hash of the image id (deterministic)."""
+    """Share of the val images moved to a test split, chosen by a hash of the image id (deterministic).
+    Shard samples with no split of their own: the share of all of them that goes to test, by a hash of the key."""
+    val_fraction: float = 0.05
+    """Shard samples with no split of their own: the share that goes to val, by a hash of the key."""
+    image_column: str = ""
+    """Parquet shards: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
+    image_bytes)."""
+    key_column: str = ""
+    """Parquet shards: the column naming a sample (default: key, id or image_id, else the row number)."""
+    caption_column: str = ""
+    """Shards: the field or column holding the caption(s) (default: the first of captions, caption, txt, text)."""
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     """Frozen encoder that makes the region features."""
     vocab_size: int = 5000
@@ -197,6 +223,9 @@ class PrepareConfig:
         pair_sources(self.annotations, self.images)  # raises if they do not pair
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
+            raise ValueError(f"--val-fraction must be at least 0 and leave room for train next to --test-fraction, "
+                             f"got {self.val_fraction}")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
         _at_least_one(self, "batch_size", "vocab_size", "min_word_count", "rows_per_file")
         _set(self, "splits", _words(self.splits))
@@ -310,7 +339,9 @@ class CaptionConfig:
     """``capray caption``: caption a bucket, folder or manifest of images into Parquet."""
 
     input: str
-    """An ``s3://`` prefix or local folder (recursive), a manifest (.jsonl/.json) or a single image."""
+    """An ``s3://`` prefix or local folder (recursive) of images, a manifest (.jsonl/.json), a single
+    image, or shards: WebDataset ``.tar`` files or Parquet files with an image-bytes column (a prefix of
+    them, one file, or a brace pattern such as ``s3://b/shards/{00000..01023}.tar``)."""
     out: str
     """Where the Parquet shards and ``summary.json`` go; re-running into it resumes."""
     checkpoint: str
@@ -341,6 +372,16 @@ class CaptionConfig:
     error row is replaced, so the output still holds one row per image."""
     rows_per_shard: int = 10_000
     """Rows per Parquet shard (the last of a run may have fewer): few, large files read back fast."""
+    image_column: str = ""
+    """Parquet input: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
+    image_bytes it has; a ``{bytes, path}`` struct works too)."""
+    key_column: str = ""
+    """Parquet input: the column that names a sample (default: key, id or image_id, else the row number);
+    a row's ``path`` is ``FILE#KEY``. WebDataset samples are named ``SHARD.tar#KEY`` by their key."""
+    keep_columns: tuple[str, ...] = ("key", "url")
+    """WebDataset and Parquet input: fields carried into the output as text columns, to join captions
+    back to the source (``key``: the sample's key; else a field of the sample's .json or a Parquet column;
+    null where a sample has none). Repeat, or separate with commas."""
 
     def __post_init__(self):
         for name in ("input", "out", "checkpoint"):
@@ -354,6 +395,10 @@ class CaptionConfig:
         _set(self, "extensions", tuple(dict.fromkeys(e.lower().lstrip(".") for e in _words(self.extensions))))
         if not self.extensions or not all(self.extensions):
             raise ValueError("--extensions must name at least one file type (e.g. jpg,png)")
+        _set(self, "keep_columns", tuple(dict.fromkeys(_words(self.keep_columns))))
+        clashes = set(self.keep_columns) & {*CAPTION_SCHEMA.names, "image", "retry"}
+        if clashes:
+            raise ValueError(f"--keep-columns cannot be {', '.join(sorted(clashes))}: the output has such a column")
 
 
 # --- evaluate, attend, demo ----------------------------------------------------------------------

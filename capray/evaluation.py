@@ -8,11 +8,10 @@ import time
 import numpy as np
 import torch
 
-from capray import storage
+from capray import shards, storage
 from capray.config import EvaluateConfig
-from capray.annotations import pair_sources, read_sources
 from capray.checkpoint import load_checkpoint
-from capray.features import load_prepare_info
+from capray.features import load_prepare_info, read_config_records
 from capray.formats import CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RESULTS_FILE
 from capray.images import decode_image
 from capray.metrics import score_captions
@@ -80,12 +79,11 @@ def first_images(uri: str, count: int) -> list[str]:
 def _object_accuracy(info: dict, ids: list[str], hypotheses: list[str]) -> float | None:
     """Share of captions naming exactly the right color+shape pairs, when the manifest has ground truth."""
     config = info.get("config", {})
-    annotations, images = config.get("annotations") or [], config.get("images") or []
-    if isinstance(annotations, str):  # prepare.json of a dataset written before several files were allowed
-        annotations, images = [annotations], [images] if images else []
-    if not annotations or not all(storage.exists(a) for a in annotations):
+    annotations = config.get("annotations") or []
+    annotations = [annotations] if isinstance(annotations, str) else annotations
+    if not annotations or not all(storage.exists(a) or shards.is_pattern(a) for a in annotations):
         return None
-    records = read_sources(pair_sources(annotations, images), test_fraction=config.get("test_fraction", 0.0))
+    records = read_config_records(config)
     objects = {r.image_id: r.objects for r in records}
     if any(objects.get(i) is None for i in ids):
         return None
@@ -106,7 +104,7 @@ def attend(checkpoint: str, image: str, out: str, *, beam_size: int = 3, max_len
     """Caption one image and plot the attention map of every word over it; returns the words."""
     model = load_checkpoint(checkpoint)
     size = model.encoder.spec.image_size
-    pixels, _, _ = decode_image(storage.read_bytes(image), size)
+    pixels, _, _ = decode_image(shards.read_any(image), size)
     with torch.no_grad():
         features = model.encoder(torch.from_numpy(pixels).unsqueeze(0))  # (1, P, E)
         decoded = model.decoder.beam_search(features, beam_size=beam_size, max_length=max_length)

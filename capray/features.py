@@ -3,6 +3,8 @@
 Pipeline per split (Ray Data, streaming, so memory does not grow with the number of images):
 records → read + decode + resize (CPU tasks) → Encoder actors (GPU or CPU) → Parquet shards.
 An image that cannot be decoded is left out and listed with its error in ``prepare.json``.
+Records from shards (``capray.shards``) are read a shard per task: the task streams its shard once per
+split and decodes that split's samples.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -19,8 +22,8 @@ import pyarrow as pa
 import torch
 from ray.data.datasource import FilenameProvider
 
-from capray import storage
-from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray import shards, storage
+from capray.annotations import IMAGE_EXTENSIONS, SPLITS, Record, pair_sources, read_sources
 from capray.config import PrepareConfig
 from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
@@ -70,6 +73,17 @@ class Encoder:
             [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS])
 
 
+def read_config_records(config: PrepareConfig | dict) -> list[Record]:
+    """The records a prepare config names (also from the ``config`` of a ``prepare.json``)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    annotations, images = get("annotations") or [], get("images") or []
+    if isinstance(annotations, str):  # prepare.json of a dataset written before several files were allowed
+        annotations, images = [annotations], [images] if images else []
+    return read_sources(pair_sources(annotations, images), test_fraction=get("test_fraction", 0.0),
+                        val_fraction=get("val_fraction", 0.0), image_column=get("image_column", ""),
+                        key_column=get("key_column", ""), caption_column=get("caption_column", ""))
+
+
 def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.Table:
     """CPU task: read each image's bytes and decode it.
 
@@ -92,6 +106,48 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
     return batch.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
 
 
+def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, rows: int,
+                          image_column: str, key_column: str) -> Iterator[pa.Table]:
+    """CPU task: a block of one shard's records → its samples decoded, ``rows`` at a time.
+
+    The shard is streamed once; a sample that is broken or missing, and a shard-level failure (a
+    record named by the shard itself), is recorded as ``read_and_decode`` records its failures.
+    """
+    wanted = {uri: i for i, uri in enumerate(block[IMAGE].to_pylist())}
+    if not wanted:
+        return
+    keep, pixels, failures = [], [], []
+
+    def flush() -> pa.Table:
+        stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
+        return block.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
+
+    shard = shards.shard_of(next(iter(wanted)))
+    for sample in shards.iter_samples(shard, image_extensions=IMAGE_EXTENSIONS, image_column=image_column,
+                                      key_column=key_column):
+        index = wanted.pop(sample.path, None)
+        if index is None:
+            continue
+        try:
+            if sample.error is not None:
+                raise ImageDecodeError(sample.error)
+            array, _, _ = decode_image(sample.image, image_size)
+        except ImageDecodeError as exc:
+            failures.append({"image_id": sample.path, "image": sample.path, "error": str(exc)})
+            continue
+        keep.append(index)
+        pixels.append(array)
+        if len(keep) == rows:
+            yield flush()
+            keep, pixels = [], []
+    failures += [{"image_id": uri, "image": uri, "error": "not in its shard any more"} for uri in wanted]
+    if failures:
+        text = "".join(json.dumps(f) + "\n" for f in failures)
+        storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
+    if keep:
+        yield flush()
+
+
 def prepare(config: PrepareConfig) -> dict:
     """Write ``OUT/{split}/part-*.parquet``, ``vocab.json``, ``encoder.pt`` and ``prepare.json``.
 
@@ -102,7 +158,7 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
         storage.check_bucket(uri)
-    records = read_sources(pair_sources(config.annotations, config.images), test_fraction=config.test_fraction)
+    records = read_config_records(config)
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
     train_captions = [c for r in records if r.split == "train" for c in r.captions]
     if not train_captions:
@@ -182,11 +238,23 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
         TOKENS: pa.array([[vocab.encode(c, max_length=config.max_caption_tokens) for c in r.captions]
                           for r in records], pa.list_(pa.list_(pa.int32()))),
     })
-    num_blocks = max(1, min(MAX_BLOCKS, math.ceil(len(records) / (BATCHES_PER_BLOCK * config.batch_size))))
-    bounds = [i * len(table) // num_blocks for i in range(num_blocks + 1)]
+    sharded = [shards.shard_of(r.image) for r in records]
+    if any(s != r.image for s, r in zip(sharded, records)):  # samples of shards: one block per shard
+        order = sorted(range(len(records)), key=lambda i: sharded[i])
+        table = table.take(order)
+        starts = [i for i in range(len(order)) if i == 0 or sharded[order[i]] != sharded[order[i - 1]]]
+        bounds = [*starts, len(order)]
+        decode, kwargs, batch_size = read_and_decode_shard, {
+            "rows": BATCHES_PER_BLOCK * config.batch_size, "image_column": config.image_column,
+            "key_column": config.key_column}, None
+    else:
+        num_blocks = max(1, min(MAX_BLOCKS, math.ceil(len(records) / (BATCHES_PER_BLOCK * config.batch_size))))
+        bounds = [i * len(table) // num_blocks for i in range(num_blocks + 1)]
+        decode, kwargs, batch_size = read_and_decode, {}, config.batch_size
+    num_blocks = len(bounds) - 1
     ds = ray.data.from_arrow([table.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])])
-    ds = map_with_retries(ds, read_and_decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir},
-                          batch_size=config.batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+    ds = map_with_retries(ds, decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir, **kwargs},
+                          batch_size=batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from capray import storage
 from capray.formats import ERROR, PATH
-from capray.sink import COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata, shard_uris, write_parquet
+from capray.shards import shard_of
+from capray.sink import COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata, shard_uris, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ def digests_of(paths: Iterable[str]) -> np.ndarray:
     return np.array([hashlib.blake2b(p.encode(), digest_size=16).digest() for p in paths], dtype="S16")
 
 
-def finished_paths(output: str, settings: dict, *, retry_errors: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Sorted digests of every path already in ``output``, and the shards that hold error rows.
+def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
+                   count_in: Collection[str] = frozenset()) -> tuple[np.ndarray, list[str], int]:
+    """Sorted digests of every path already in ``output``, the shards that hold error rows, and how
+    many of those paths belong to the input shards ``count_in`` (``capray.shards``: their samples
+    are not listed up front, so this is what a sharded run has already done).
 
     With ``retry_errors`` the paths of error rows do not count as done. Removes the temporary files a
     killed run may have left (a shard itself only ever appears whole). A shard that cannot be read is
@@ -70,10 +74,10 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False) -
     ``ValueError``. Also raises ``ValueError`` if the shards were made with another checkpoint or settings.
     """
     if not storage.exists(output):
-        return np.empty(0, dtype="S16"), []
+        return np.empty(0, dtype="S16"), [], 0
     delete_temporaries(output)
 
-    def digests(uri: str) -> tuple[np.ndarray, bool]:
+    def digests(uri: str) -> tuple[np.ndarray, bool, int]:
         fs, path = storage.resolve(uri)
         try:
             with fs.open_input_file(path) as f:
@@ -90,15 +94,16 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False) -
         paths = table.column(PATH).to_pylist()
         if retry_errors:
             paths = [p for p, f in zip(paths, failed) if not f]
-        return digests_of(paths), bool(failed.any())
+        counted = sum(shard_of(p) in count_in for p in paths) if count_in else 0
+        return digests_of(paths), bool(failed.any()), counted
 
     uris = shard_uris(output)
     with ThreadPoolExecutor(max_workers=8) as pool:  # shards are read one request each: overlap them
         parts = list(pool.map(digests, uris))
-    done = np.concatenate([d for d, _ in parts]) if parts else np.empty(0, dtype="S16")
+    done = np.concatenate([d for d, _, _ in parts]) if parts else np.empty(0, dtype="S16")
     done.sort()
-    with_errors = [uri for uri, (_, failed) in zip(uris, parts) if failed] if retry_errors else []
-    return done, with_errors
+    with_errors = [uri for uri, (_, failed, _) in zip(uris, parts) if failed] if retry_errors else []
+    return done, with_errors, sum(c for _, _, c in parts)
 
 
 def drop_error_rows(uri: str) -> None:
@@ -120,7 +125,7 @@ def check_compatible(uri: str, metadata: dict, settings: dict) -> None:
              if k.decode().startswith(META_PREFIX)}
     ours = shard_metadata(settings)
     for key in COMPATIBLE_KEYS:
-        theirs, mine = found.get(key), ours[f"{META_PREFIX}{key}".encode()].decode()
+        theirs, mine = found.get(key, COMPATIBLE_DEFAULTS.get(key)), ours[f"{META_PREFIX}{key}".encode()].decode()
         if theirs != mine:
             raise ValueError(f"--out already holds captions made with {key}={theirs} ({storage.basename(uri)}), "
                              f"this run has {key}={mine}: use --overwrite or another --out")

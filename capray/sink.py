@@ -24,12 +24,19 @@ SHARD_NAME = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{6}\.parquet")
 TEMPORARY_NAME = re.compile(r"\.part-.*\.parquet\.tmp-[0-9a-f]{8}")
 META_PREFIX = "capray."
 """Parquet key-value metadata of a shard: ``capray.checkpoint``, ``capray.beam_size``, ..."""
-COMPATIBLE_KEYS = ("checkpoint", "beam_size", "max_length", "encoder")
+COMPATIBLE_KEYS = ("checkpoint", "beam_size", "max_length", "encoder", "columns")
 """Metadata that must agree for a run to add shards to an output that already holds some."""
+COMPATIBLE_DEFAULTS = {"columns": "[]"}
+"""What a key missing from an older shard's metadata meant (no kept columns before they existed)."""
 RETRY = "retry"
 """Between the decode tasks and the sink: the image's read failed for a transient reason (throttling,
 a reset connection) even after the S3 client's retries. Such a row is never written, so the image is
 not done: the next run lists and captions it again (``capray caption`` exits 1 and says so)."""
+
+
+def caption_schema(columns: tuple[str, ...] = ()) -> pa.Schema:
+    """The caption rows' schema, with the source's kept columns (text) after the fixed ones."""
+    return pa.schema([*CAPTION_SCHEMA, *(pa.field(c, pa.string()) for c in columns)])
 
 
 def shard_uris(output: str) -> list[str]:
@@ -69,9 +76,11 @@ def write_parquet(uri: str, table: pa.Table, *, row_group_size: int | None = Non
 class ShardSink(Datasink):
     """One whole Parquet shard per write task, named by (run, task): a retried task overwrites its own."""
 
-    def __init__(self, output: str, *, run_id: str, metadata: dict[bytes, bytes], rows_per_shard: int):
+    def __init__(self, output: str, *, run_id: str, metadata: dict[bytes, bytes], rows_per_shard: int,
+                 columns: tuple[str, ...] = ()):
         self.output, self.run_id, self.rows_per_shard = output, run_id, rows_per_shard
-        self.schema = CAPTION_SCHEMA.with_metadata({**metadata, f"{META_PREFIX}run_id".encode(): run_id.encode()})
+        self.schema = caption_schema(columns).with_metadata(
+            {**metadata, f"{META_PREFIX}run_id".encode(): run_id.encode()})
         self.ok = self.errors = self.retryable = self.shards = 0
 
     def write(self, blocks, ctx) -> dict:
@@ -79,7 +88,7 @@ class ShardSink(Datasink):
         tables = [t for t in tables if t.num_rows]
         retryable = sum(int(pc.sum(t.column(RETRY)).as_py() or 0) for t in tables)
         tables = [t.filter(pc.invert(t.column(RETRY))) for t in tables]  # not done: never written
-        tables = [t.select(CAPTION_SCHEMA.names).cast(self.schema) for t in tables if t.num_rows]
+        tables = [t.select(self.schema.names).cast(self.schema) for t in tables if t.num_rows]
         if not tables:
             return {"rows": 0, "errors": 0, "retryable": retryable, "shards": 0}
         table = pa.concat_tables(tables)

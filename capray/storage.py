@@ -140,7 +140,7 @@ def _remote_filesystem(bucket: str, endpoint: str, max_attempts: int) -> pafs.S3
             return pafs.S3FileSystem(endpoint_override=endpoint, retry_strategy=retries)
         return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=retries)
     except OSError as exc:
-        raise _classified(f"cannot open s3://{bucket}", exc) from exc
+        raise classified(f"cannot open s3://{bucket}", exc) from exc
 
 
 def _s3_client():
@@ -212,7 +212,7 @@ def makedirs(uri: str) -> None:
     try:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
-        raise _classified(f"cannot create {uri}", exc) from exc
+        raise classified(f"cannot create {uri}", exc) from exc
 
 
 def read_bytes(uri: str) -> bytes:
@@ -223,7 +223,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: no such file") from exc
     except OSError as exc:
-        raise _classified(f"cannot read {uri}", exc) from exc
+        raise classified(f"cannot read {uri}", exc) from exc
 
 
 def iter_lines(uri: str) -> Iterator[str]:
@@ -240,7 +240,7 @@ def iter_lines(uri: str) -> Iterator[str]:
     except UnicodeDecodeError as exc:
         raise StorageError(f"{uri}: not UTF-8 text ({exc.reason})") from exc
     except OSError as exc:
-        raise _classified(f"cannot read {uri}", exc) from exc
+        raise classified(f"cannot read {uri}", exc) from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -259,7 +259,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         if target != path:
             os.replace(target, path)
     except OSError as exc:
-        raise _classified(f"cannot write {uri}", exc) from exc
+        raise classified(f"cannot write {uri}", exc) from exc
 
 
 def read_text(uri: str) -> str:
@@ -341,7 +341,7 @@ def _list_local(root: str) -> Iterator[str]:
     except FileNotFoundError:
         return  # nothing under a folder that does not exist (pyarrow's allow_not_found)
     except OSError as exc:
-        raise _classified(f"cannot list {root}", exc) from exc
+        raise classified(f"cannot list {root}", exc) from exc
     if not stat.S_ISDIR(top.st_mode):
         raise StorageError(f"{root}: not a folder")
     pending = [(root, frozenset({(top.st_dev, top.st_ino)}))]  # folders to list, with their ancestors
@@ -364,7 +364,7 @@ def _list_local(root: str) -> Iterator[str]:
         except FileNotFoundError:
             continue  # deleted since its parent was read: its files are gone too
         except OSError as exc:
-            raise _classified(f"cannot list {folder}", exc) from exc
+            raise classified(f"cannot list {folder}", exc) from exc
 
 
 def list_dirs(uri: str) -> list[str]:
@@ -374,7 +374,7 @@ def list_dirs(uri: str) -> list[str]:
     try:
         infos = fs.get_file_info(selector)
     except OSError as exc:
-        raise _classified(f"cannot list {uri}", exc) from exc
+        raise classified(f"cannot list {uri}", exc) from exc
     return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
@@ -384,7 +384,7 @@ def delete_dir(uri: str) -> None:
         try:
             fs.delete_dir(path)
         except OSError as exc:
-            raise _classified(f"cannot delete {uri}", exc) from exc
+            raise classified(f"cannot delete {uri}", exc) from exc
 
 
 def delete_file(uri: str) -> None:
@@ -393,7 +393,7 @@ def delete_file(uri: str) -> None:
         try:
             fs.delete_file(path)
         except OSError as exc:
-            raise _classified(f"cannot delete {uri}", exc) from exc
+            raise classified(f"cannot delete {uri}", exc) from exc
 
 
 def check_bucket(uri: str) -> None:
@@ -410,10 +410,10 @@ def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise _classified(f"cannot access {uri}", exc) from exc
+        raise classified(f"cannot access {uri}", exc) from exc
 
 
-def _classified(what: str, exc: OSError) -> StorageError | TransientStorageError:
+def classified(what: str, exc: OSError) -> StorageError | TransientStorageError:
     """The error to raise for an ``OSError`` from pyarrow or the OS, by the rule in the module docstring."""
     match = _AWS_ERROR.search(str(exc))
     if match:  # pyarrow's S3 errors carry the AWS SDK's error type (and, if unknown, the HTTP status)

@@ -6,14 +6,20 @@ and the ground-truth objects, so a model's caption can be scored for naming the 
 (:func:`object_accuracy`), not only by BLEU. Two objects never overlap, never share both colour and
 shape, and sit so that their relation ("left of", "above", ...) is never in doubt.
 
-Layout written by :func:`generate`::
+Layouts written by :func:`generate`, one per ``format``::
 
-    OUT/images/{train,val,test}/shape-000042.png
-    OUT/synth.json        the resolved SynthConfig
-    OUT/manifest.jsonl    one line per image; written last, so its presence means "done"
+    files        OUT/images/{train,val,test}/shape-000042.png
+                 OUT/synth.json        the resolved SynthConfig
+                 OUT/manifest.jsonl    one line per image; written last, so its presence means "done"
+    webdataset   OUT/shards/00000.tar  img2dataset's layout: 000000042.jpg, .txt, .json per image
+                 OUT/synth.json        the SynthConfig, format and shard size; written last ("done")
+    parquet      OUT/parquet/00000.parquet   one row per image (``PARQUET_SCHEMA``), JPEG bytes inline
+                 OUT/synth.json        as for webdataset
 
-Image ``i`` is drawn from a random generator seeded with ``(seed, i)`` alone, so the same seed gives
-byte-identical images and manifest on every run and on every machine.
+The shards hold ``samples_per_shard`` images each in index order, the last one the rest; every image
+carries the same captions, split and objects as its manifest line in the files layout. Image ``i`` is
+drawn from a random generator seeded with ``(seed, i)`` alone, so the same seed gives byte-identical
+images, manifest and tar shards on every run and on every machine (with the same Pillow).
 """
 from __future__ import annotations
 
@@ -22,16 +28,19 @@ import io
 import json
 import logging
 import math
+import tarfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from capray import storage
-from capray.config import SynthConfig
+from capray.config import SYNTH_FORMATS, SynthConfig
 from capray.annotations import SPLITS
 from capray.vocab import tokenize
 
@@ -71,6 +80,23 @@ BORDER = 0.02
 
 BACKGROUNDS = ("plain", "gradient", "noise")
 
+JPEG_QUALITY = 95
+"""Quality of the JPEGs in the webdataset and Parquet shards."""
+WEBDATASET_MEMBERS = ("jpg", "txt", "json")
+"""The tar members of one sample, in this order, each ``KEY.<extension>``."""
+PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("caption", pa.string()),
+    ("captions", pa.list_(pa.string())),
+    ("split", pa.string()),
+    ("objects", pa.string()),  # JSON: the ground-truth objects as in the manifest
+    ("jpg", pa.binary()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+"""The columns of ``OUT/parquet/*.parquet``; the other fields are those of a webdataset sample's JSON."""
+
 
 @dataclass(frozen=True)
 class Example:
@@ -82,10 +108,27 @@ class Example:
     captions: tuple[str, ...]
 
 
-def generate(out: str, config: SynthConfig) -> str:
-    """Write the images and the manifest under ``out`` (a local path or ``s3://`` URI); return the manifest URI."""
+def generate(out: str, config: SynthConfig, *, format: str = "files", samples_per_shard: int = 1000) -> str:
+    """Write the dataset under ``out`` (a local path or ``s3://`` URI) in ``format`` (see the module
+    docstring); return the manifest URI (files) or the folder of the shards (webdataset, parquet)."""
+    if format not in SYNTH_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(SYNTH_FORMATS)}, got {format!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     splits = assign_splits(config)
-    logger.info("shapes world: drawing %d images of %d px into %s", config.num_images, config.image_size, out)
+    logger.info("shapes world: drawing %d images of %d px into %s (%s)", config.num_images, config.image_size,
+                out, format)
+    if format == "files":
+        written = _write_files(out, config, splits)
+    else:
+        written = _write_shards(out, config, splits, format=format, samples_per_shard=samples_per_shard)
+    counts = {s: splits.count(s) for s in SPLITS}
+    logger.info("shapes world: wrote %s (%s)", written, ", ".join(f"{s} {n}" for s, n in counts.items()))
+    return written
+
+
+def _write_files(out: str, config: SynthConfig, splits: Sequence[str]) -> str:
+    """One PNG per image and the manifest (written last); return the manifest URI."""
 
     def write(index: int) -> str:
         example = make_example(index, config)
@@ -103,9 +146,65 @@ def generate(out: str, config: SynthConfig) -> str:
     storage.write_json(storage.join(out, "synth.json"), dataclasses.asdict(config))
     manifest = storage.join(out, "manifest.jsonl")
     storage.write_text(manifest, "\n".join(lines) + "\n")
-    counts = {s: splits.count(s) for s in SPLITS}
-    logger.info("shapes world: wrote %s (%s)", manifest, ", ".join(f"{s} {n}" for s, n in counts.items()))
     return manifest
+
+
+def _write_shards(out: str, config: SynthConfig, splits: Sequence[str], *, format: str,
+                  samples_per_shard: int) -> str:
+    """Numbered tar or Parquet shards of ``samples_per_shard`` images, then ``synth.json``; return their folder."""
+    folder, extension, encode = {"webdataset": ("shards", "tar", _tar_shard),
+                                 "parquet": ("parquet", "parquet", _parquet_shard)}[format]
+    root = storage.join(out, folder)
+    num_shards = math.ceil(config.num_images / samples_per_shard)
+
+    def write(shard: int) -> None:
+        indices = range(shard * samples_per_shard, min((shard + 1) * samples_per_shard, config.num_images))
+        uri = storage.join(root, f"{shard:05d}.{extension}")
+        storage.write_bytes(uri, encode([_sample(i, config, splits[i]) for i in indices]))
+        logger.info("shapes world: wrote %s (%d images)", uri, len(indices))
+
+    # One shard per task: a shard is built whole in memory, so 8 in flight bound the memory.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(num_shards)))
+    storage.write_json(storage.join(out, "synth.json"), {**dataclasses.asdict(config), "format": format,
+                                                         "samples_per_shard": samples_per_shard})
+    return root
+
+
+def _sample(index: int, config: SynthConfig, split: str) -> tuple[dict, bytes]:
+    """Image ``index`` as a webdataset sample: its JSON fields and its JPEG bytes."""
+    example = make_example(index, config)
+    buffer = io.BytesIO()
+    example.image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    key = f"{index:09d}"
+    return {"key": key, "url": f"shapes://{config.seed}/{index}", "caption": example.captions[0],
+            "captions": list(example.captions), "split": split, "objects": list(example.objects),
+            "width": config.image_size, "height": config.image_size}, buffer.getvalue()
+
+
+def _tar_shard(samples: Sequence[tuple[dict, bytes]]) -> bytes:
+    """A tar of ``KEY.jpg``, ``KEY.txt``, ``KEY.json`` per sample; time, owner and mode are fixed, so the
+    same samples give the same bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for fields, jpeg in samples:
+            members = {"jpg": jpeg, "txt": fields["caption"].encode("utf-8"),
+                       "json": json.dumps(fields).encode("utf-8")}
+            for extension in WEBDATASET_MEMBERS:
+                info = tarfile.TarInfo(f"{fields['key']}.{extension}")
+                info.size, info.mtime, info.mode = len(members[extension]), 0, 0o644
+                info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(members[extension]))
+    return buffer.getvalue()
+
+
+def _parquet_shard(samples: Sequence[tuple[dict, bytes]]) -> bytes:
+    """One Parquet file of ``PARQUET_SCHEMA`` rows."""
+    rows = [{**fields, "objects": json.dumps(fields["objects"]), "jpg": jpeg} for fields, jpeg in samples]
+    table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def assign_splits(config: SynthConfig) -> list[str]:

@@ -149,7 +149,7 @@ def _other_args(command: str, option: cli.Option) -> list[str]:
         other = "--val-fraction" if option.flag == "--train-fraction" else "--train-fraction"
         return [option.flag, "0.2" if option.flag != "--train-fraction" else "0.7", other,
                 "0.7" if other == "--train-fraction" else "0.2"]
-    special = {"--splits": "train", "--extensions": "png", "--decoder": "lstm", "--split": "val",
+    special = {"--splits": "train", "--extensions": "png", "--decoder": "lstm", "--split": "val", "--format": "parquet", "--val-fraction": "0.1",
                "--encoder.weights": "none", "--test-fraction": "0.2", "--dropout": "0.5", "--name": "other",
                "--label-smoothing": "0.1",
                "--encoder.name": "resnet18"}

@@ -1,19 +1,24 @@
-"""The shapes world: determinism, splits, captions that agree with the ground truth, the scorer, S3."""
+"""The shapes world: determinism, splits, captions that agree with the ground truth, the scorer, S3,
+the webdataset and Parquet layouts."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import tarfile
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from capray import storage
 from capray.annotations import read_annotations
-from capray.synth import (COLOR_RGB, COLORS, RELATIONS, SHAPES, SIZE_FRACTIONS, WORDS, SynthConfig,
-                          assign_splits, generate, named_objects, names_objects_correctly,
+from capray.config import SynthJob
+from capray.synth import (COLOR_RGB, COLORS, PARQUET_SCHEMA, RELATIONS, SHAPES, SIZE_FRACTIONS, WORDS,
+                          SynthConfig, assign_splits, generate, named_objects, names_objects_correctly,
                           object_accuracy, relation)
 from capray.vocab import tokenize
 
@@ -331,3 +336,129 @@ def test_config_accepts_the_smallest_image_size(tmp_path):
     manifest = generate(str(tmp_path), SynthConfig(num_images=40, image_size=32))
     rows = [json.loads(line) for line in storage.read_text(manifest).splitlines()]
     assert any(len(r["objects"]) == 2 for r in rows)
+
+
+# --- webdataset and Parquet shards -----------------------------------------------------------
+
+SHARDED = SynthConfig(num_images=12, seed=11, image_size=32)
+PER_SHARD = 5
+
+
+@pytest.fixture(scope="module")
+def manifest_rows(tmp_path_factory) -> list[dict]:
+    """The files layout of ``SHARDED``: what every other layout must agree with."""
+    manifest = generate(str(tmp_path_factory.mktemp("files")), SHARDED)
+    return [json.loads(line) for line in storage.read_text(manifest).splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tar_shards(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("webdataset"))
+    assert generate(out, SHARDED, format="webdataset", samples_per_shard=PER_SHARD) == os.path.join(out, "shards")
+    return out
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("parquet"))
+    assert generate(out, SHARDED, format="parquet", samples_per_shard=PER_SHARD) == os.path.join(out, "parquet")
+    return out
+
+
+def _members(tar_path: str) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+
+
+def test_webdataset_shards_are_numbered_and_hold_samples_per_shard_images(tar_shards):
+    shards = os.path.join(tar_shards, "shards")
+    assert sorted(os.listdir(shards)) == ["00000.tar", "00001.tar", "00002.tar"]
+    sizes = [len(_members(os.path.join(shards, name))) // 3 for name in sorted(os.listdir(shards))]
+    assert sizes == [5, 5, 2]
+
+
+def test_webdataset_members_are_jpg_txt_json_per_key_in_index_order(tar_shards):
+    names = [info.name for name in ("00000.tar", "00001.tar", "00002.tar")
+             for info, _ in _members(os.path.join(tar_shards, "shards", name))]
+    assert names == [f"{i:09d}.{ext}" for i in range(12) for ext in ("jpg", "txt", "json")]
+
+
+def test_webdataset_samples_match_the_files_manifest(tar_shards, manifest_rows):
+    members = {info.name: data for name in ("00000.tar", "00001.tar", "00002.tar")
+               for info, data in _members(os.path.join(tar_shards, "shards", name))}
+    for index, row in enumerate(manifest_rows):
+        key = f"{index:09d}"
+        meta = json.loads(members[f"{key}.json"].decode("utf-8"))
+        assert meta == {"key": key, "url": f"shapes://11/{index}", "caption": row["captions"][0],
+                        "captions": row["captions"], "split": row["split"], "objects": row["objects"],
+                        "width": 32, "height": 32}
+        assert members[f"{key}.txt"].decode("utf-8") == row["captions"][0]
+        image = Image.open(io.BytesIO(members[f"{key}.jpg"]))
+        assert image.format == "JPEG" and image.size == (32, 32)
+
+
+def test_webdataset_members_carry_no_time_or_owner(tar_shards):
+    for info, _ in _members(os.path.join(tar_shards, "shards", "00000.tar")):
+        assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == (0, 0, 0, "", "", 0o644)
+
+
+def test_webdataset_same_seed_gives_identical_tars(tar_shards, tmp_path):
+    generate(str(tmp_path), SHARDED, format="webdataset", samples_per_shard=PER_SHARD)
+    assert _files(str(tmp_path / "shards")) == _files(os.path.join(tar_shards, "shards"))
+
+
+def test_sharded_formats_record_format_and_shard_size(tar_shards, parquet_shards):
+    for out, fmt in ((tar_shards, "webdataset"), (parquet_shards, "parquet")):
+        written = storage.read_json(os.path.join(out, "synth.json"))
+        assert written["format"] == fmt and written["samples_per_shard"] == PER_SHARD
+        assert written["num_images"] == 12 and written["seed"] == 11
+        assert not os.path.exists(os.path.join(out, "manifest.jsonl"))
+
+
+def test_parquet_files_hold_samples_per_shard_rows_of_the_schema(parquet_shards):
+    folder = os.path.join(parquet_shards, "parquet")
+    assert sorted(os.listdir(folder)) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    tables = [pq.read_table(os.path.join(folder, name)) for name in sorted(os.listdir(folder))]
+    assert [t.num_rows for t in tables] == [5, 5, 2]
+    for table in tables:
+        assert table.schema.names == ["key", "url", "caption", "captions", "split", "objects", "jpg", "width",
+                                      "height"]
+        assert table.schema.equals(PARQUET_SCHEMA)
+        assert table.schema.field("captions").type == pa.list_(pa.string())
+        assert table.schema.field("jpg").type == pa.binary()
+        assert table.schema.field("width").type == pa.int32()
+
+
+def test_parquet_rows_match_the_files_manifest(parquet_shards, manifest_rows):
+    rows = pq.read_table(os.path.join(parquet_shards, "parquet")).to_pylist()
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(12)]
+    for row, expected in zip(rows, manifest_rows):
+        assert row["captions"] == expected["captions"] and row["caption"] == expected["captions"][0]
+        assert row["split"] == expected["split"]
+        assert json.loads(row["objects"]) == expected["objects"]
+        assert Image.open(io.BytesIO(row["jpg"])).size == (row["width"], row["height"]) == (32, 32)
+
+
+def test_generate_into_s3_writes_the_same_tar_shards(s3_bucket, tar_shards):
+    folder = generate(storage.join(s3_bucket, "wds"), SHARDED, format="webdataset", samples_per_shard=PER_SHARD)
+    assert folder == f"{s3_bucket}/wds/shards"
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        assert storage.read_bytes(f"{folder}/{name}") == storage.read_bytes(os.path.join(tar_shards, "shards", name))
+
+
+@pytest.mark.parametrize("kwargs", [{"format": "tfrecord"}, {"samples_per_shard": 0}])
+def test_generate_rejects_bad_shard_options(kwargs, tmp_path):
+    with pytest.raises(ValueError):
+        generate(str(tmp_path), SHARDED, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"format": "tfrecord"}, {"format": "WebDataset"}, {"samples_per_shard": 0},
+                                    {"samples_per_shard": -1}])
+def test_synth_job_rejects_bad_format_and_shard_size(kwargs):
+    with pytest.raises(ValueError, match="--format|--samples-per-shard"):
+        SynthJob(out="o", world=SynthConfig(num_images=10), **kwargs)
+
+
+def test_synth_job_defaults_to_files_in_shards_of_a_thousand():
+    job = SynthJob(out="o", world=SynthConfig(num_images=10))
+    assert (job.format, job.samples_per_shard) == ("files", 1000)

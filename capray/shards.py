@@ -1,0 +1,288 @@
+"""Sample shards, as large image collections come: WebDataset tar files and Parquet files of image bytes.
+
+img2dataset (LAION, CC3M/CC12M, DataComp, COYO) writes either **WebDataset shards** — ``00000.tar``
+holding ``000000000.jpg``, ``000000000.txt`` (the caption), ``000000000.json`` (metadata such as the
+source URL), the files of one sample next to each other — or **Parquet files** with the image bytes in
+a column. A few thousand shards list and read far faster than millions of small objects.
+
+A sample is named ``<shard URI>#<key>`` everywhere (a caption row's ``path``, a feature row's
+``image``): the WebDataset sample key, or the Parquet key column (else the row's number in its file).
+A problem with a whole shard (missing, not a tar, truncated, an unreadable Parquet file) is one
+sample named by the shard URI itself, with the error: the samples read before it stay good.
+
+Tars are read as a stream with the standard library's ``tarfile`` and Parquet files a batch at a
+time with pyarrow, inside capray's own tasks rather than through ``ray.data.read_webdataset`` /
+``read_parquet``: those fail the whole job on one truncated shard (a read task either returns every
+row of its file or raises), cannot skip the samples a previous run already captioned, and their
+listing task asks for a whole CPU that a small machine's captioners hold.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from capray import storage
+
+WEBDATASET, PARQUET = "webdataset", "parquet"
+KINDS = {"tar": WEBDATASET, "parquet": PARQUET}
+"""Shard kind by file extension."""
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes")
+"""Parquet columns tried, in order, for the image bytes when ``--image-column`` is not given."""
+KEY_COLUMNS = ("key", "id", "image_id")
+"""Parquet columns tried, in order, for a sample's key when ``--key-column`` is not given."""
+CAPTION_FIELDS = ("captions", "caption", "txt", "text")
+"""Where prepare finds a sample's captions: a list of strings or one string (``txt`` is a tar's .txt)."""
+KEY = "key"
+"""A kept column that is always there: the sample's key."""
+BATCH_ROWS = 256
+"""Parquet rows read at a time: a shard's images are never all in memory."""
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its image bytes and its other fields, or why it cannot be used."""
+
+    path: str
+    """``<shard>#<key>``, or the shard URI alone for a failure of the whole shard."""
+    key: str | None
+    image: bytes | None
+    fields: dict[str, Any] = field(default_factory=dict)
+    """The tar's ``.json`` fields and ``txt``, or the Parquet row's other columns."""
+    error: str | None = None
+
+    def value(self, name: str) -> str | None:
+        """A field as text (JSON for lists and objects); ``key`` is the sample's key."""
+        if name == KEY:
+            return self.key
+        value = self.fields.get(name)
+        if value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
+
+
+def shard_kind(uri: str) -> str | None:
+    """``webdataset``, ``parquet`` or None, by the file extension."""
+    name = storage.basename(uri).lower()
+    return KINDS.get(name.rpartition(".")[2]) if "." in name else None
+
+
+def is_pattern(uri: str) -> bool:
+    """A brace pattern such as ``s3://b/shards/{00000..01023}.tar``."""
+    return "{" in uri and "}" in uri
+
+
+def sample_path(shard: str, key: str) -> str:
+    return f"{shard}#{key}"
+
+
+def shard_of(path: str) -> str:
+    """The shard a sample path names (the path itself for a shard-level row or a plain file)."""
+    for extension in KINDS:
+        cut = path.find(f".{extension}#")
+        if cut >= 0:
+            return path[:cut + len(extension) + 1]
+    return path
+
+
+def expand(pattern: str) -> list[str]:
+    """The shard URIs of a brace pattern, in order, each once (the way webdataset expands them)."""
+    from braceexpand import braceexpand
+
+    try:
+        return list(dict.fromkeys(braceexpand(pattern)))
+    except Exception as exc:  # braceexpand raises plain exceptions for unbalanced braces
+        raise ValueError(f"--input {pattern}: not a brace pattern ({exc})") from None
+
+
+def detect(uri: str, extensions: Sequence[str]) -> str | None:
+    """What ``uri`` holds: ``webdataset``, ``parquet`` or None (loose images or a manifest).
+
+    A brace pattern or a single file goes by its extension; a folder or prefix by the first file
+    found whose extension is an image's or a shard's (a prefix holds one kind of input).
+    """
+    if is_pattern(uri):
+        kinds = {shard_kind(u) for u in expand(uri)}
+        if len(kinds) != 1 or None in kinds:
+            raise ValueError(f"--input {uri}: a pattern must name .tar or .parquet files only, of one kind")
+        return kinds.pop()
+    if storage.is_file(uri):
+        return shard_kind(uri)
+    for found in storage.list_files(uri, extensions=(*extensions, *KINDS)):
+        return shard_kind(found)
+    return None
+
+
+def list_shards(uri: str, kind: str) -> list[str]:
+    """The shard URIs of a pattern, file or prefix, sorted (a pattern's may not exist: a missing
+    shard becomes an error row when it is read, not a silent gap)."""
+    if is_pattern(uri):
+        return [storage.normalize(u) for u in expand(uri)]
+    if storage.is_file(uri):
+        return [storage.normalize(uri)]
+    extension = next(e for e, k in KINDS.items() if k == kind)
+    return sorted(storage.list_files(uri, extensions=(extension,)))
+
+
+def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: str = "", key_column: str = "",
+                 columns: Sequence[str] = ()) -> Iterator[Sample]:
+    """The samples of one shard, in order, streamed; the last may be a failure of the whole shard.
+
+    A transient storage failure raises ``TransientStorageError`` (the task reading the shard runs
+    again); everything else wrong is a ``Sample`` with ``error`` set. ``columns``: the Parquet columns to
+    read besides the image and the key (a tar's ``.json`` and ``.txt`` are always read).
+    """
+    if shard_kind(shard) == WEBDATASET:
+        yield from _tar_samples(shard, tuple(e.lower().lstrip(".") for e in image_extensions))
+    else:
+        yield from _parquet_samples(shard, image_column=image_column, key_column=key_column, columns=columns)
+
+
+class _Counting:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read() if size is None or size < 0 else self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
+def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Sample]:
+    fs, path = storage.resolve(shard)
+    try:
+        raw = fs.open_input_stream(path)
+    except FileNotFoundError:
+        yield Sample(shard, None, None, error="no such shard")
+        return
+    except OSError as exc:
+        failure = storage.classified(f"cannot read {shard}", exc)
+        if isinstance(failure, storage.TransientStorageError):
+            raise failure from exc
+        yield Sample(shard, None, None, error=str(failure))
+        return
+    count, seen = 0, set()
+    key, members = None, {}
+    with raw:
+        stream = _Counting(raw)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, extension = name.partition(".")  # WebDataset: the key ends at the first dot
+                    if not dot or not stem:
+                        continue
+                    member_key = f"{folder}/{stem}" if folder else stem
+                    if member_key != key:
+                        if key is not None:
+                            yield _tar_sample(shard, key, members, image_extensions, repeated=key in seen)
+                            seen.add(key)
+                            count += 1
+                        key, members = member_key, {}
+                    members[extension.lower()] = tar.extractfile(member).read()
+                end = tar.offset
+            stream.read()  # the end-of-archive blocks and padding
+            complete = stream.count >= end + 2 * tarfile.BLOCKSIZE
+            problem = None if complete else "no end-of-archive marker"
+        except (tarfile.TarError, EOFError) as exc:
+            problem = str(exc) or type(exc).__name__
+        except OSError as exc:
+            failure = storage.classified(f"cannot read {shard}", exc)
+            if isinstance(failure, storage.TransientStorageError):
+                raise failure from exc
+            problem = str(failure)
+    if key is not None:  # the last sample: good if its image was read whole, even from a truncated shard
+        sample = _tar_sample(shard, key, members, image_extensions, repeated=key in seen)
+        if problem is not None and sample.image is None:
+            sample.error = f"cut off: the shard ends inside this sample ({problem})"
+        yield sample
+        count += 1
+    if problem is not None:
+        if count == 0:
+            yield Sample(shard, None, None, error=f"not a tar file ({problem})")
+        else:
+            yield Sample(shard, None, None, error=f"truncated or corrupt after {count} sample(s) ({problem}): "
+                                                  "whatever followed cannot be read")
+
+
+def _tar_sample(shard: str, key: str, members: dict[str, bytes], image_extensions: tuple[str, ...], *,
+                repeated: bool) -> Sample:
+    path = sample_path(shard, key)
+    if repeated:  # WebDataset keeps a sample's files together; a key seen again would be a second sample
+        return Sample(path, key, None, error="the key appears twice in the shard (its files are not together)")
+    fields: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            fields.update(meta if isinstance(meta, dict) else {"json": meta})
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return Sample(path, key, None, error=f"{key}.json is not valid JSON ({exc})")
+    if "txt" in members:
+        fields["txt"] = members["txt"].decode("utf-8", errors="replace")
+    image = next((members[e] for e in image_extensions if e in members), None)
+    if image is None:
+        found = ", ".join(sorted(members)) or "nothing"
+        return Sample(path, key, None, fields, error=f"no image ({', '.join(image_extensions)}) in the sample, "
+                                                       f"only {found}")
+    return Sample(path, key, image, fields)
+
+
+def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns: Sequence[str]) -> Iterator[Sample]:
+    fs, path = storage.resolve(shard)
+    count = 0
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            image = image_column or next((c for c in IMAGE_COLUMNS if c in names), "")
+            key = key_column or next((c for c in KEY_COLUMNS if c in names), "")
+            missing = [c for c in (image, key_column) if c and c not in names]
+            if not image or missing:
+                wanted = ", ".join(missing) if missing else f"any of {', '.join(IMAGE_COLUMNS)}"
+                yield Sample(shard, None, None, error=f"no column {wanted} (it has {', '.join(names)})")
+                return
+            read = list(dict.fromkeys(c for c in (image, key, *columns) if c and c in names))
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=read):
+                rows = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    sample_key = str(rows[key][i]) if key and rows[key][i] is not None else str(count)
+                    data = rows[image][i]
+                    if isinstance(data, dict):  # a Hugging Face image struct: {"bytes": ..., "path": ...}
+                        data = data.get("bytes")
+                    fields = {c: rows[c][i] for c in read if c not in (image, key)}
+                    error = None if data else f"no image bytes in column {image}"
+                    yield Sample(sample_path(shard, sample_key), sample_key, data or None, fields, error)
+                    count += 1
+    except FileNotFoundError:
+        yield Sample(shard, None, None, error="no such shard")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        what = "not a Parquet file" if count == 0 else f"unreadable after {count} row(s)"
+        yield Sample(shard, None, None, error=f"{what} ({str(exc).splitlines()[0]})")
+    except OSError as exc:
+        failure = storage.classified(f"cannot read {shard}", exc)
+        if isinstance(failure, storage.TransientStorageError):
+            raise failure from exc
+        yield Sample(shard, None, None, error=f"unreadable after {count} row(s) ({failure})")
+
+
+def read_any(uri: str, *, image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp")) -> bytes:
+    """The bytes of an image object, or of a shard sample (``shard#key``: its shard is read up to it)."""
+    shard = shard_of(uri)
+    if shard == uri:
+        return storage.read_bytes(uri)
+    path = uri
+    for sample in iter_samples(shard, image_extensions=image_extensions):
+        if sample.path == path:
+            if sample.image is None:
+                raise storage.StorageError(f"{path}: {sample.error}")
+            return sample.image
+    raise storage.StorageError(f"{path}: no such sample in {shard}")
