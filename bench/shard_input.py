@@ -50,7 +50,11 @@ def main() -> None:
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
 
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
 
     import boto3
 

@@ -30,7 +30,7 @@ import io
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,8 +43,8 @@ from capray import shards, storage
 from capray.config import CaptionConfig
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
-from capray.listing import (LISTING_DIR, contains, digests_of, drop_error_rows, finished_paths, input_kind,
-                            input_paths, write_listing)
+from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
+                            finished_paths, input_kind, input_paths, write_listing, write_marker)
 from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
 from capray.sink import RETRY, ShardSink, caption_schema, delete_shards, shard_metadata
 
@@ -113,15 +113,17 @@ def caption(config: CaptionConfig) -> CaptionSummary:
         raise ValueError(f"--input {config.input}: no {source} shards")
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output = config.out
-    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], 0) if config.overwrite else finished_paths(
-        output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
+    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], Counter()) if config.overwrite else \
+        finished_paths(output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
     listing = storage.join(output, LISTING_DIR, run_id)
     storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
     group_rows = _decode_rows(config.batch_size, config.rows_per_shard)
     if sharded:  # a unit of work is a shard; its tasks skip the samples in done.npy
+        complete = complete_shards(output, input_shards, done_in_shards)
+        todo = [s for s in input_shards if s not in complete]
         storage.write_bytes(storage.join(listing, DONE_FILE), _npy_bytes(done))
-        _, _, units = write_listing(iter(input_shards), np.empty(0, dtype="S16"), listing, group_rows=1)
-        total, skipped = None, done_in_shards
+        _, _, units = write_listing(iter(todo), np.empty(0, dtype="S16"), listing, group_rows=1)
+        total, skipped = None, sum(done_in_shards.values())
     else:
         paths = input_paths(config.input, source, config.extensions)
         total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix", group_rows=group_rows)
@@ -130,18 +132,20 @@ def caption(config: CaptionConfig) -> CaptionSummary:
             raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
     if config.overwrite:
         delete_shards(output)
+        storage.delete_dir(storage.join(output, SHARDS_DIR))
     for uri in with_errors:  # --retry-errors: their images are listed again, so their error rows go
         drop_error_rows(uri)
     storage.delete_file(storage.join(output, SUMMARY_FILE))  # its presence means "the last run finished"
     if sharded:
-        log.info("caption: %d %s shard(s) in %s, %d of their samples already captioned → %s (run %s)",
-                 len(input_shards), source, config.input, skipped, output, run_id)
+        log.info("caption: %d %s shard(s) in %s, %d of them complete and %d of their samples captioned "
+                 "already → %s (run %s)", len(input_shards), source, config.input, len(complete), skipped, output,
+                 run_id)
     else:
         log.info("caption: %d images in %s, %d already captioned, %d to do → %s (run %s)",
                  total, config.input, skipped, total - skipped, output, run_id)
 
     ok = errors = retryable = written = 0
-    if sharded or total > skipped:
+    if units if sharded else total > skipped:
         ok, errors, retryable, written = _run(config, units=units, output=output, run_id=run_id,
                                               image_size=model["image_size"], settings=settings,
                                               done=storage.join(listing, DONE_FILE) if sharded else None)
@@ -232,7 +236,8 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
         decode, kwargs = read_and_decode, {"image_size": image_size}
     else:
         decode, kwargs = read_shard, {
-            "image_size": image_size, "done": done, "rows": _decode_rows(config.batch_size, config.rows_per_shard),
+            "image_size": image_size, "done": done, "output": output,
+            "rows": _decode_rows(config.batch_size, config.rows_per_shard),
             "image_extensions": config.extensions, "image_column": config.image_column,
             "key_column": config.key_column, "columns": columns}
     ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
@@ -297,13 +302,14 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
             RETRY: retry}
 
 
-def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, rows: int,
+def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, output: str, rows: int,
                image_extensions: tuple[str, ...], image_column: str, key_column: str,
                columns: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
     """CPU task: the input shards of listing units → decoded samples, ``rows`` at a time, skipping done ones.
 
     The columns of ``read_and_decode``, plus each of ``columns`` (text, None where a sample lacks it).
     A broken sample, and a shard that is missing, truncated or unreadable, is a row with ``error``.
+    A shard read whole leaves its row count in ``output`` (``capray.listing.complete_shards``).
     """
     finished = _load_digests(done)
     pending: list[shards.Sample] = []
@@ -312,14 +318,17 @@ def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, rows
         with fs.open_input_file(path) as f:
             listed = pq.ParquetFile(f).read_row_group(int(group), columns=[PATH]).column(PATH).to_pylist()
         for shard in listed:
+            count = 0
             for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
                                               key_column=key_column, columns=columns):
+                count += 1
                 if contains(finished, digests_of([sample.path]))[0]:
                     continue
                 pending.append(sample)
                 if len(pending) == rows:
                     yield _decoded(pending, image_size, columns)
                     pending = []
+            write_marker(output, shard, count)
     if pending:
         yield _decoded(pending, image_size, columns)
 

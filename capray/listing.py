@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,6 +25,8 @@ from capray.sink import COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delet
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
+SHARDS_DIR = "_shards"
+"""``OUT/_shards/``: one marker per input shard read whole (see ``complete_shards``)."""
 LISTING_DIR = "_listing"
 """``OUT/_listing/<run id>/``: the paths a run has to caption, deleted when the run ends."""
 LISTING_ROWS = 65_536
@@ -63,10 +66,10 @@ def digests_of(paths: Iterable[str]) -> np.ndarray:
 
 
 def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
-                   count_in: Collection[str] = frozenset()) -> tuple[np.ndarray, list[str], int]:
+                   count_in: Collection[str] = frozenset()) -> tuple[np.ndarray, list[str], Counter]:
     """Sorted digests of every path already in ``output``, the shards that hold error rows, and how
-    many of those paths belong to the input shards ``count_in`` (``capray.shards``: their samples
-    are not listed up front, so this is what a sharded run has already done).
+    many of those paths belong to each of the input shards ``count_in`` (``capray.shards``: their
+    samples are not listed up front, so this is what a sharded run has already done).
 
     With ``retry_errors`` the paths of error rows do not count as done. Removes the temporary files a
     killed run may have left (a shard itself only ever appears whole). A shard that cannot be read is
@@ -74,10 +77,10 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
     ``ValueError``. Also raises ``ValueError`` if the shards were made with another checkpoint or settings.
     """
     if not storage.exists(output):
-        return np.empty(0, dtype="S16"), [], 0
+        return np.empty(0, dtype="S16"), [], Counter()
     delete_temporaries(output)
 
-    def digests(uri: str) -> tuple[np.ndarray, bool, int]:
+    def digests(uri: str) -> tuple[np.ndarray, bool, Counter]:
         fs, path = storage.resolve(uri)
         try:
             with fs.open_input_file(path) as f:
@@ -94,7 +97,7 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
         paths = table.column(PATH).to_pylist()
         if retry_errors:
             paths = [p for p, f in zip(paths, failed) if not f]
-        counted = sum(shard_of(p) in count_in for p in paths) if count_in else 0
+        counted = Counter(s for s in map(shard_of, paths) if s in count_in) if count_in else Counter()
         return digests_of(paths), bool(failed.any()), counted
 
     uris = shard_uris(output)
@@ -103,7 +106,33 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
     done = np.concatenate([d for d, _, _ in parts]) if parts else np.empty(0, dtype="S16")
     done.sort()
     with_errors = [uri for uri, (_, failed, _) in zip(uris, parts) if failed] if retry_errors else []
-    return done, with_errors, sum(c for _, _, c in parts)
+    return done, with_errors, sum((c for _, _, c in parts), Counter())
+
+
+def marker_uri(output: str, shard: str) -> str:
+    """``OUT/_shards/<digest>.json``: how many rows an input shard gave when a task read it whole."""
+    return storage.join(output, SHARDS_DIR, hashlib.blake2b(shard.encode(), digest_size=16).hexdigest() + ".json")
+
+
+def write_marker(output: str, shard: str, rows: int) -> None:
+    storage.write_json(marker_uri(output, shard), {"shard": shard, "rows": rows})
+
+
+def complete_shards(output: str, shards: Sequence[str], done: Counter) -> set[str]:
+    """The input shards whose every row is in ``output``: read whole before (their marker), and as many
+    of their rows done as that read gave. A re-run does not read them again; shards are taken as
+    immutable, as img2dataset writes them (``--retry-errors`` and ``--overwrite`` read them again)."""
+    candidates = [s for s in shards if done.get(s)]
+    if not candidates:
+        return set()
+
+    def rows(shard: str) -> int | None:
+        uri = marker_uri(output, shard)
+        return storage.read_json(uri).get("rows") if storage.exists(uri) else None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: overlap them
+        counts = list(pool.map(rows, candidates))
+    return {s for s, n in zip(candidates, counts) if n is not None and n == done[s]}
 
 
 def drop_error_rows(uri: str) -> None:

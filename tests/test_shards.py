@@ -215,6 +215,18 @@ def test_webdataset_shards_one_row_per_sample_keys_kept_then_a_rerun_adds_nothin
     assert (again.ok, again.errors, again.skipped, again.total) == (0, 0, len(rows), len(rows))
     assert shard_names(out) == before and read_output(out).num_rows == len(rows)
 
+    put(f"{root}/00000.tar", b"not read again")  # a complete shard is skipped without reading it
+    assert caption(CaptionConfig(input=pattern, out=out, checkpoint=checkpoint, batch_size=4)).errors == 0
+    assert shard_names(out) == before
+
+    fixed = [sample(0), sample(1), sample(2), sample(3, url=False)]  # the broken image, fixed at the source
+    put(f"{root}/00000.tar", make_tar(fixed))
+    retried = caption(CaptionConfig(input=pattern, out=out, checkpoint=checkpoint, batch_size=4, retry_errors=True))
+    rows = {r["path"]: r for r in read_output(out).to_pylist()}
+    assert len(rows) == read_output(out).num_rows == len(good) + len(errors)  # still one row per sample
+    assert rows[f"{root}/00000.tar#000000002"]["error"] is None and retried.ok == 1
+    assert {p for p, r in rows.items() if r["error"]} == errors - {f"{root}/00000.tar#000000002"}
+
 
 def test_parquet_input_one_row_per_row_and_a_rerun_adds_nothing(ray_local, s3_bucket, checkpoint):
     root = f"{s3_bucket}/parquet"
