@@ -111,6 +111,8 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     input_shards = shards.list_shards(config.input, source) if sharded else []
     if sharded and not input_shards:
         raise ValueError(f"--input {config.input}: no {source} shards")
+    if source == shards.PARQUET:  # the first file's schema: a mistyped column fails here, not per file
+        shards.check_columns(input_shards[0], image_column=config.image_column, key_column=config.key_column)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output = config.out
     done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], Counter()) if config.overwrite else \

@@ -129,6 +129,23 @@ def list_shards(uri: str, kind: str) -> list[str]:
     return sorted(storage.list_files(uri, extensions=(extension,)))
 
 
+def check_columns(shard: str, *, image_column: str = "", key_column: str = "") -> None:
+    """Raise ``ValueError`` (one line) if a Parquet shard lacks the named or any known image column, or
+    the named key column: a mistyped ``--image-column`` fails before the run, not as a row per file.
+    A file that cannot be read is left for the run to report as an error row."""
+    fs, path = storage.resolve(shard)
+    try:
+        with fs.open_input_file(path) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except (OSError, pa.ArrowException):
+        return
+    image = image_column or next((c for c in IMAGE_COLUMNS if c in names), "")
+    for flag, column in (("--image-column", image), ("--key-column", key_column)):
+        if column and column not in names or flag == "--image-column" and not column:
+            wanted = column or f"any of {', '.join(IMAGE_COLUMNS)}"
+            raise ValueError(f"{shard}: no column {wanted} for {flag} (it has {', '.join(names)})")
+
+
 def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: str = "", key_column: str = "",
                  columns: Sequence[str] = ()) -> Iterator[Sample]:
     """The samples of one shard, in order, streamed; the last may be a failure of the whole shard.

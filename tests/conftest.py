@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -63,3 +65,15 @@ def ray_local(s3_server, tmp_path_factory):
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def job_env():
+    """The environment of a job run as a subprocess: its own local Ray in a short temporary folder."""
+    ray_dir = tempfile.mkdtemp(prefix="capray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60", "RAY_TMPDIR": ray_dir,
+                "CAPRAY_LOG_LEVEL": "WARNING"})
+    yield env
+    shutil.rmtree(ray_dir, ignore_errors=True)

@@ -10,10 +10,8 @@ import json
 import os
 import signal
 import struct
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -307,18 +305,6 @@ def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkp
     assert sorted(paths) == sorted([str(images / n) for n in names] + [str(images / "gone.jpg")])
     assert [r["path"] for r in rows if r["error"]] == [str(images / "gone.jpg")]
     assert (summary.ok, summary.errors, summary.skipped) == (len(names), 1, 0)
-
-
-@pytest.fixture
-def job_env():
-    """The environment of a job run as a subprocess: its own local Ray in a short temporary folder."""
-    ray_dir = tempfile.mkdtemp(prefix="capray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "60", "RAY_TMPDIR": ray_dir,
-                "CAPRAY_LOG_LEVEL": "WARNING"})
-    yield env
-    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _kill_processes_mentioning(text: str) -> None:

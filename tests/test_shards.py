@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -19,7 +22,7 @@ from PIL import Image
 from capray import shards, storage
 from capray.captioning import CaptionConfig, caption
 from capray.formats import CAPTION_SCHEMA
-from test_captioning import read_output, shard_names, write_small_checkpoint
+from test_captioning import ROOT, read_output, shard_names, write_small_checkpoint
 
 SIZE = 64
 
@@ -271,6 +274,21 @@ def test_what_an_input_holds_is_told_by_its_files(tmp_path):
     assert shards.detect(str(tmp_path / "p" / "{0..3}.parquet"), ("jpg",)) == shards.PARQUET
     with pytest.raises(ValueError, match="one kind"):
         shards.detect(str(tmp_path / "{a.tar,b.parquet}"), ("jpg",))
+
+
+@pytest.mark.parametrize("case", ["mixed pattern", "no image column", "mistyped key column"])
+def test_bad_shard_input_exits_2_with_one_line_before_ray_starts(case, s3_bucket, checkpoint, job_env):
+    put(f"{s3_bucket}/pq/00000.parquet", parquet_bytes(pa.table({"key": ["a"], "caption": ["x"]})))
+    put(f"{s3_bucket}/pq/00001.parquet", parquet_bytes(pa.table({"key": ["b"], "jpg": [jpeg(0)]})))
+    flags = {"mixed pattern": ["--input", f"{s3_bucket}/x/{{a.tar,b.parquet}}"],
+             "no image column": ["--input", f"{s3_bucket}/pq/00000.parquet"],
+             "mistyped key column": ["--input", f"{s3_bucket}/pq", "--key-column", "kee"]}[case]
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "caption.py"), *flags, "--out", f"{s3_bucket}/out",
+                             "--checkpoint", checkpoint], env=job_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capray caption: error: "), result.stderr
+    assert not os.listdir(job_env["RAY_TMPDIR"]), "Ray was started"
 
 
 # --- capray prepare from shards → train → evaluate ------------------------------------------------------
