@@ -30,9 +30,8 @@ import io
 import logging
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -54,7 +53,6 @@ LISTING, GROUP = "listing", "group"  # a decode task's unit of work: one row gro
 IMAGE = "image"  # decoded pixels between the decode tasks and the captioners (never written)
 DECODE_TASK_RETRIES = 10
 """Ray retries of a decode task that raised ``TransientStorageError`` (reading its listing shard)."""
-READ_THREADS = 16  # concurrent object reads per decode task: S3 GETs are latency-bound
 MAX_BLOCKS = 10_000  # decode tasks per run at most: Ray Data keeps some driver memory per block
 DONE_FILE = "done.npy"
 """``OUT/_listing/<run>/done.npy``: sorted digests of the paths OUT holds, for the tasks reading shards."""
@@ -290,7 +288,7 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors, retry = np.full(n, "", dtype=object), np.zeros(n, dtype=bool)
-    for i, data in enumerate(_prefetch(paths)):
+    for i, data in enumerate(storage.read_many(paths)):
         try:
             if isinstance(data, Exception):
                 raise data
@@ -352,27 +350,6 @@ def _decoded(samples: list[shards.Sample], image_size: int, columns: tuple[str, 
     for column in columns:
         batch[column] = np.array([s.value(column) for s in samples], dtype=object)
     return batch
-
-
-def _prefetch(uris: list[str]) -> Iterator[bytes | storage.StorageError | storage.TransientStorageError]:
-    """The objects' bytes in order, ``READ_THREADS`` reads in flight (S3 GETs wait on the network).
-
-    Decoding stays on one thread: a decode task is sized for one CPU, and a few huge images decoded
-    at once could take gigabytes. A read that fails yields its exception instead of bytes.
-    """
-    def read(uri: str) -> bytes | storage.StorageError | storage.TransientStorageError:
-        try:
-            return storage.read_bytes(uri)
-        except (storage.StorageError, storage.TransientStorageError) as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        pending = deque(pool.submit(read, uri) for uri in uris[:READ_THREADS])
-        for uri in uris[READ_THREADS:]:
-            yield pending.popleft().result()
-            pending.append(pool.submit(read, uri))
-        while pending:
-            yield pending.popleft().result()
 
 
 _DECODED = frozenset({PATH, IMAGE, WIDTH, HEIGHT, ERROR, RETRY})
@@ -437,7 +414,8 @@ class Captioner:
 
         features = self.encoder(images)  # (B, P, E) fp16, as prepare stores them
         with torch.inference_mode():  # fp32 search, as evaluate and validation run it (capray.precision)
-            decoded = self.decoder.beam_search(features.float(), beam_size=self.beam_size, max_length=self.max_length)
+            decoded = self.decoder.beam_search(features.float(), beam_size=self.beam_size,
+                                                   max_length=self.max_length, attention=False)
         texts = [self.vocab.decode(row) for row in decoded.tokens.tolist()]
         return texts, decoded.scores.float().cpu().numpy().astype(np.float32)
 

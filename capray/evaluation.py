@@ -33,7 +33,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     ids, hypotheses, references, scores = [], [], [], []
     for batch in iter_feature_batches(storage.join(config.features, config.split), config.batch_size):
         features = torch.from_numpy(np.array(batch[FEATURES])).float()
-        decoded = model.decoder.beam_search(features, beam_size=config.beam_size, max_length=config.max_length)
+        decoded = model.decoder.beam_search(features, beam_size=config.beam_size, max_length=config.max_length,
+                                            attention=False)
         ids += batch[IMAGE_ID]
         hypotheses += [model.vocab.decode(t) for t in decoded.tokens.tolist()]
         references += batch[CAPTIONS]

@@ -91,9 +91,12 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
     transient one (throttling, a reset connection) raises, and Ray runs the task again.
     """
     keep, pixels, failures = [], [], []
-    for i, (image_id, uri) in enumerate(zip(batch[IMAGE_ID].to_pylist(), batch[IMAGE].to_pylist())):
+    uris = batch[IMAGE].to_pylist()
+    for i, (image_id, uri, data) in enumerate(zip(batch[IMAGE_ID].to_pylist(), uris, storage.read_many(uris))):
         try:
-            array, _, _ = decode_image(storage.read_bytes(uri), image_size)
+            if isinstance(data, Exception):  # a transient one is not caught here: Ray runs the task again
+                raise data
+            array, _, _ = decode_image(data, image_size)
         except (ImageDecodeError, storage.StorageError) as exc:
             failures.append({"image_id": image_id, "image": uri, "error": str(exc)})
             continue

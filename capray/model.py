@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 DECODER_KINDS = ("gru", "lstm")
+END_CHECK_EVERY = 4
+"""Beam search asks whether every beam has ended every this many steps (a host sync on a GPU)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class Decoded:
     """(B, T) word ids, ``<end>`` included, padded with 0 after it."""
     scores: torch.Tensor
     """(B,) mean log-probability per token (``<end>`` counted) of each chosen caption."""
-    attention: torch.Tensor
-    """(B, T, P) attention over regions for each emitted word."""
+    attention: torch.Tensor | None
+    """(B, T, P) attention over regions for each emitted word (None from ``beam_search(attention=False)``)."""
     lengths: torch.Tensor
     """(B,) number of emitted tokens, ``<end>`` included."""
 
@@ -184,11 +186,15 @@ class Decoder(nn.Module):
         return _finish(torch.stack(out_tokens, 1), total, torch.stack(out_alpha, 1), self.config.end_id)
 
     @torch.no_grad()
-    def beam_search(self, features: torch.Tensor, *, beam_size: int = 3, max_length: int = 20) -> Decoded:
+    def beam_search(self, features: torch.Tensor, *, beam_size: int = 3, max_length: int = 20,
+                    attention: bool = True) -> Decoded:
         """Beam search over a whole batch at once: B images × K beams run as one (B·K) batch.
 
         Beams are ranked by their summed log-probability while searching; the final caption is the
         finished beam with the best mean log-probability per token (length normalisation).
+        ``attention=False`` (captioning) neither gathers nor keeps the attention maps. Whether every
+        beam has ended is asked of the device only every ``END_CHECK_EVERY`` steps (each ask waits for
+        it): a finished beam goes on with ``<end>`` at no cost, so the extra steps change nothing.
         """
         if beam_size < 1:
             raise ValueError(f"beam size must be at least 1, got {beam_size}")
@@ -206,7 +212,7 @@ class Decoder(nn.Module):
         history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (B·K, t)
         alphas = torch.empty(batch * k, 0, regions.size(1), device=device)  # (B·K, t, P)
         offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
-        for _ in range(max_length):
+        for t in range(max_length):
             logits, state, alpha = self.step(tokens, state, regions, keys)
             logp = logits.float().log_softmax(dim=1)  # (B·K, V)
             # A finished beam can only continue with <end> at no cost: its score stays frozen.
@@ -219,11 +225,12 @@ class Decoder(nn.Module):
             tokens = (flat % vocab).view(-1)  # (B·K,)
             was_finished = finished[beam]
             state = _map_state(state, lambda s: s[beam])
-            alpha = alpha[beam].masked_fill(was_finished.unsqueeze(1), 0.0)
             history = torch.cat([history[beam], tokens.masked_fill(was_finished, 0).unsqueeze(1)], dim=1)
-            alphas = torch.cat([alphas[beam], alpha.unsqueeze(1)], dim=1)
+            if attention:
+                alpha = alpha[beam].masked_fill(was_finished.unsqueeze(1), 0.0)
+                alphas = torch.cat([alphas[beam], alpha.unsqueeze(1)], dim=1)
             finished = was_finished | (tokens == end_id)
-            if finished.all():
+            if t % END_CHECK_EVERY == END_CHECK_EVERY - 1 and finished.all():
                 break
         lengths = _lengths(history, end_id).view(batch, k)  # (B, K)
         mean = scores / lengths  # (B, K)
@@ -232,7 +239,7 @@ class Decoder(nn.Module):
         best = mean.masked_fill(~ended & ended.any(dim=1, keepdim=True), float("-inf")).argmax(dim=1)
         rows = best + offsets.squeeze(1)  # (B,)
         return Decoded(tokens=history[rows], scores=mean.gather(1, best.unsqueeze(1)).squeeze(1),
-                       attention=alphas[rows], lengths=lengths.view(-1)[rows].long())
+                       attention=alphas[rows] if attention else None, lengths=lengths.view(-1)[rows].long())
 
 
 def _finish(tokens: torch.Tensor, total: torch.Tensor, alpha: torch.Tensor, end_id: int) -> Decoded:

@@ -34,7 +34,9 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -224,6 +226,33 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: no such file") from exc
     except OSError as exc:
         raise classified(f"cannot read {uri}", exc) from exc
+
+
+READ_AHEAD = 16
+"""Object reads in flight in ``read_many``: S3 GETs wait on the network, not on the CPU."""
+
+
+def read_many(uris: Sequence[str], *, ahead: int = READ_AHEAD) -> Iterator[bytes | StorageError |
+                                                                         TransientStorageError]:
+    """The objects' bytes in order, ``ahead`` reads in flight; a read that fails yields its exception.
+
+    prepare's and caption's decode tasks read through this: the reads overlap, decoding stays on the
+    caller's one thread (a task is sized for one CPU, and a few huge images decoded at once could
+    take gigabytes).
+    """
+    def read(uri: str) -> bytes | StorageError | TransientStorageError:
+        try:
+            return read_bytes(uri)
+        except (StorageError, TransientStorageError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending = deque(pool.submit(read, uri) for uri in uris[:ahead])
+        for uri in uris[ahead:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(read, uri))
+        while pending:
+            yield pending.popleft().result()
 
 
 def iter_lines(uri: str) -> Iterator[str]:

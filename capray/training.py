@@ -47,8 +47,7 @@ def train_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(loop_config["threads"])  # the worker's CPU share, not the node's core count
+    torch.set_num_threads(loop_config["threads"])  # the worker's CPU share, not the node's core count (GPU too)
     torch.manual_seed(config.seed)
     decoder = Decoder(DecoderConfig(**loop_config["decoder"]))
     decoder.feature_mean.copy_(torch.tensor(loop_config["feature_mean"]))

@@ -346,3 +346,13 @@ def test_tiny_model_overfits_one_batch(kind):
     for i, caps in enumerate(captions):
         said = out.tokens[i, : int(out.lengths[i])].tolist()
         assert [START] + said in caps, (i, said)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_beam_search_without_attention_gives_the_same_captions_and_scores(lively, beam_size):
+    decoder, features = lively
+    kept = decoder.beam_search(features, beam_size=beam_size, max_length=12)
+    dropped = decoder.beam_search(features, beam_size=beam_size, max_length=12, attention=False)
+    assert dropped.attention is None and kept.attention is not None
+    assert torch.equal(kept.tokens, dropped.tokens) and torch.equal(kept.lengths, dropped.lengths)
+    assert torch.equal(kept.scores, dropped.scores)
