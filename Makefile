@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bundle gpu-check clean
 
 install: $(STAMP)
 
@@ -29,5 +29,15 @@ bench: $(STAMP)
 	$(PY) bench/train_scaling.py
 	$(PY) bench/listing_memory.py --json bench-output/listing_memory.json
 
+# What an air-gapped GPU node (Python 3.12, its own torch stack, no Ray, no index) needs to run capray:
+# dist/capray-bundle-py312-manylinux2014_x86_64/, carried with the call; install.sh there installs it.
+bundle: $(STAMP)
+	$(PY) tools/bundle.py
+
+# The GPU path measured on one node (bench/gpu_check.py); without a GPU it runs at small sizes and says so.
+# On an air-gapped node, after the bundle's install.sh: make gpu-check PY=python3
+gpu-check:
+	$(PY) bench/gpu_check.py --json bench-output/gpu_check.json
+
 clean:
-	rm -rf $(VENV) demo-output bench-output
+	rm -rf $(VENV) demo-output bench-output dist

