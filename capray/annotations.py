@@ -168,30 +168,45 @@ def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fractio
     fields = (caption_column,) if caption_column else shards.CAPTION_FIELDS
     columns = (*fields, "split", "objects")
 
+    unknown: set[str] = set()
+
     def read(shard: str) -> list[tuple[Record, bool]]:
         out = []
         for sample in shards.iter_samples(shard, image_extensions=IMAGE_EXTENSIONS, image_column=image_column,
                                           key_column=key_column, columns=columns):
             captions = next((sample.fields[f] for f in fields if sample.fields.get(f)), ())
-            captions = (captions,) if isinstance(captions, str) else tuple(str(c) for c in captions)
+            captions = tuple(map(str, captions)) if isinstance(captions, (list, tuple)) else (str(captions),)
             split = sample.fields.get("split")
             split = "train" if split == "restval" else split
             from_hash = split not in SPLITS
             if from_hash:
-                share = stable_share(sample.key if sample.key is not None else sample.path)
+                if split is not None:
+                    unknown.add(str(split))
+                # The key, unless it is only a row number: that would split every file the same way.
+                share = stable_share(sample.path if sample.numbered or sample.key is None else sample.key)
                 split = "test" if share < test_fraction else "val" if share < test_fraction + val_fraction else "train"
-            objects = sample.fields.get("objects")
-            if isinstance(objects, str):  # Parquet keeps them as JSON text
-                objects = json.loads(objects)
             out.append((Record(image_id=sample.path, image=sample.path, captions=tuple(c.strip() for c in captions),
-                               split=split, objects=tuple(objects) if objects is not None else None), from_hash))
+                               split=split, objects=_objects(sample.fields.get("objects"))), from_hash))
         return out
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # S3 reads wait on the network: overlap them
         parts = list(pool.map(read, uris))
     records = [r for part in parts for r, _ in part]
     log.info("%s: %d samples in %d %s shard(s)", uri, len(records), len(uris), kind)
+    if unknown:
+        log.warning("%s: split values %s are none of %s: those samples are split by a hash of their key",
+                    uri, ", ".join(sorted(unknown)[:5]), ", ".join(SPLITS))
     return records, {r.image_id for part in parts for r, from_hash in part if from_hash}
+
+
+def _objects(value: Any) -> tuple[dict, ...] | None:
+    """Ground-truth objects of a shard sample: a list, or JSON text of one (Parquet); else none."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return tuple(value) if isinstance(value, list) and all(isinstance(o, dict) for o in value) else None
 
 
 def stable_share(image_id: str) -> float:

@@ -30,7 +30,6 @@ import io
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -105,63 +104,93 @@ def caption(config: CaptionConfig) -> CaptionSummary:
         "max_length": config.max_length,
         "encoder": model["encoder"],
         "columns": list(columns),
+        "key_column": config.key_column,  # it names the samples: another one would caption them again
     }
-    input_shards = shards.list_shards(config.input, source) if sharded else []
-    if sharded and not input_shards:
-        raise ValueError(f"--input {config.input}: no {source} shards")
-    if source == shards.PARQUET:  # the first file's schema: a mistyped column fails here, not per file
-        shards.check_columns(input_shards[0], image_column=config.image_column, key_column=config.key_column)
+    input_shards = _input_shards(config, source) if sharded else []
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output = config.out
-    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], Counter()) if config.overwrite else \
+    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], {}) if config.overwrite else \
         finished_paths(output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
     listing = storage.join(output, LISTING_DIR, run_id)
     storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
-    group_rows = _decode_rows(config.batch_size, config.rows_per_shard)
-    if sharded:  # a unit of work is a shard; its tasks skip the samples in done.npy
-        complete = complete_shards(output, input_shards, done_in_shards)
-        todo = [s for s in input_shards if s not in complete]
-        storage.write_bytes(storage.join(listing, DONE_FILE), _npy_bytes(done))
-        _, _, units = write_listing(iter(todo), np.empty(0, dtype="S16"), listing, group_rows=1)
-        total, skipped = None, sum(done_in_shards.values())
-    else:
-        paths = input_paths(config.input, source, config.extensions)
-        total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix", group_rows=group_rows)
-        if total == 0:
-            storage.delete_dir(storage.join(output, LISTING_DIR))
-            raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
+    plan = _plan_shards(input_shards, done_in_shards, output=output, listing=listing) if sharded else \
+        _plan_images(config, source, done, listing=listing)
     if config.overwrite:
         delete_shards(output)
         storage.delete_dir(storage.join(output, SHARDS_DIR))
     for uri in with_errors:  # --retry-errors: their images are listed again, so their error rows go
         drop_error_rows(uri)
     storage.delete_file(storage.join(output, SUMMARY_FILE))  # its presence means "the last run finished"
-    if sharded:
-        log.info("caption: %d %s shard(s) in %s, %d of them complete and %d of their samples captioned "
-                 "already → %s (run %s)", len(input_shards), source, config.input, len(complete), skipped, output,
-                 run_id)
-    else:
-        log.info("caption: %d images in %s, %d already captioned, %d to do → %s (run %s)",
-                 total, config.input, skipped, total - skipped, output, run_id)
+    log.info("caption: %s in %s, %s → %s (run %s)", plan.input_line, config.input, plan.done_line, output, run_id)
 
     ok = errors = retryable = written = 0
-    if units if sharded else total > skipped:
-        ok, errors, retryable, written = _run(config, units=units, output=output, run_id=run_id,
-                                              image_size=model["image_size"], settings=settings,
-                                              done=storage.join(listing, DONE_FILE) if sharded else None)
-    if sharded:  # a shard's samples are counted as they are read
-        total = skipped + ok + errors + retryable
+    if plan.units:
+        ok, errors, retryable, written = _run(config, units=plan.units, output=output, run_id=run_id,
+                                              image_size=model["image_size"], settings=settings, done=plan.done)
+    total = plan.total if plan.total is not None else plan.skipped + ok + errors + retryable
     storage.delete_dir(storage.join(output, LISTING_DIR))
     wall = time.perf_counter() - started
     if retryable:
         log.warning("caption: %d image(s) could not be read for a transient reason (see the log); they are "
                     "not in the output yet: run the same command again to caption them", retryable)
-    summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=skipped, retryable=retryable,
+    summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=plan.skipped, retryable=retryable,
                              wall_seconds=round(wall, 3),
                              images_per_s=round((ok + errors) / wall, 3) if wall > 0 else 0.0,
                              output=output, run_id=run_id, shards=written, settings=settings)
     storage.write_json(storage.join(output, SUMMARY_FILE), summary.to_dict())  # written last
     return summary
+
+
+@dataclass
+class _Plan:
+    """What a run has to do: its units of work (listing shard, row group) and what is done already."""
+
+    units: list[tuple[str, int]]
+    skipped: int
+    """Images (samples) of the input already in the output."""
+    total: int | None
+    """Images in the input; None for shards, whose samples are counted as they are read."""
+    done: str | None
+    """Shards only: the digests of the samples the tasks skip (``DONE_FILE``)."""
+    input_line: str
+    done_line: str
+
+
+def _plan_images(config: CaptionConfig, source: str, done: np.ndarray, *, listing: str) -> _Plan:
+    """Loose images: every path listed once, minus those done, in listing shards of a decode task's rows."""
+    paths = input_paths(config.input, source, config.extensions)
+    total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix",
+                                          group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
+    if total == 0:
+        storage.delete_dir(storage.parent(listing))
+        raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
+    return _Plan(units=units if total > skipped else [], skipped=skipped, total=total, done=None,
+                 input_line=f"{total} images", done_line=f"{skipped} already captioned, {total - skipped} to do")
+
+
+def _input_shards(config: CaptionConfig, source: str) -> list[str]:
+    found = shards.list_shards(config.input, source, image_extensions=config.extensions)
+    if not found:
+        raise ValueError(f"--input {config.input}: no {source} shards")
+    if source == shards.PARQUET:  # the first file's schema: a mistyped column fails here, not per file
+        shards.check_columns(found[0], image_column=config.image_column, key_column=config.key_column)
+    return found
+
+
+def _plan_shards(input_shards: list[str], done_in_shards: dict[str, np.ndarray], *, output: str,
+                 listing: str) -> _Plan:
+    """Shards: a unit each, but none for a shard whose rows are all in the output; its task skips the
+    samples of ``DONE_FILE`` (the digests of the shards not complete: the only ones it can meet)."""
+    complete = complete_shards(output, input_shards, done_in_shards)
+    todo = [s for s in input_shards if s not in complete]
+    partly = [done_in_shards[s] for s in todo if s in done_in_shards]
+    done = storage.join(listing, DONE_FILE)
+    storage.write_bytes(done, _npy_bytes(np.sort(np.concatenate(partly)) if partly else np.empty(0, dtype="S16")))
+    _, _, units = write_listing(iter(todo), np.empty(0, dtype="S16"), listing, group_rows=1)
+    skipped = sum(len(d) for d in done_in_shards.values())
+    return _Plan(units=units, skipped=skipped, total=None, done=done,
+                 input_line=f"{len(input_shards)} {shards.shard_kind(input_shards[0])} shard(s)",
+                 done_line=f"{len(complete)} of them complete, {skipped} of their samples captioned already")
 
 
 def print_summary(summary: CaptionSummary) -> None:

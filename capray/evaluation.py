@@ -79,6 +79,8 @@ def first_images(uri: str, count: int) -> list[str]:
 
 def _object_accuracy(info: dict, ids: list[str], hypotheses: list[str]) -> float | None:
     """Share of captions naming exactly the right color+shape pairs, when the manifest has ground truth."""
+    if info.get("objects") is False:  # prepare saw none (older datasets do not say: their sources are read)
+        return None
     config = info.get("config", {})
     annotations = config.get("annotations") or []
     annotations = [annotations] if isinstance(annotations, str) else annotations

@@ -73,15 +73,15 @@ class Encoder:
             [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS])
 
 
-def read_config_records(config: PrepareConfig | dict) -> list[Record]:
-    """The records a prepare config names (also from the ``config`` of a ``prepare.json``)."""
-    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-    annotations, images = get("annotations") or [], get("images") or []
+def read_config_records(config: dict) -> list[Record]:
+    """The records a prepare config names, given as a dict: ``asdict(PrepareConfig)``, or the ``config``
+    of a ``prepare.json`` (whose older versions lack the newer keys)."""
+    annotations, images = config.get("annotations") or [], config.get("images") or []
     if isinstance(annotations, str):  # prepare.json of a dataset written before several files were allowed
         annotations, images = [annotations], [images] if images else []
-    return read_sources(pair_sources(annotations, images), test_fraction=get("test_fraction", 0.0),
-                        val_fraction=get("val_fraction", 0.0), image_column=get("image_column", ""),
-                        key_column=get("key_column", ""), caption_column=get("caption_column", ""))
+    return read_sources(pair_sources(annotations, images), test_fraction=config.get("test_fraction", 0.0),
+                        val_fraction=config.get("val_fraction", 0.0), image_column=config.get("image_column", ""),
+                        key_column=config.get("key_column", ""), caption_column=config.get("caption_column", ""))
 
 
 def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.Table:
@@ -109,9 +109,50 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
     return batch.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
 
 
+def _blocks(table: pa.Table, shard_of_row: list[str], *, rows: int) -> list[pa.Table]:
+    """The input blocks of a split: loose images ``rows`` at a time; the samples of shards grouped by
+    shard, whole shards to a block (one stream each), at most ``MAX_BLOCKS`` blocks of either."""
+    uris = table[IMAGE].to_pylist()
+    loose = [i for i, (s, uri) in enumerate(zip(shard_of_row, uris)) if s == uri]
+    blocks = []
+    if loose:
+        files = table.take(loose)
+        n = max(1, min(MAX_BLOCKS, math.ceil(len(loose) / rows)))
+        bounds = [i * len(loose) // n for i in range(n + 1)]
+        blocks += [files.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+    names = sorted({s for s, uri in zip(shard_of_row, uris) if s != uri})
+    if names:
+        n = min(MAX_BLOCKS, len(names))
+        block_of = {name: j * n // len(names) for j, name in enumerate(names)}
+        members: list[list[int]] = [[] for _ in range(n)]
+        for i, (s, uri) in enumerate(zip(shard_of_row, uris)):
+            if s != uri:
+                members[block_of[s]].append(i)
+        blocks += [table.take(sorted(m, key=lambda i: shard_of_row[i])) for m in members]
+    return blocks
+
+
+def decode_block(block: pa.Table, *, image_size: int, errors_dir: str, batch_size: int, image_column: str,
+                 key_column: str) -> Iterator[pa.Table]:
+    """CPU task: an input block (see ``_blocks``) → its images decoded, a few batches at a time."""
+    if not block.num_rows:
+        return
+    rows = BATCHES_PER_BLOCK * batch_size
+    first = block[IMAGE][0].as_py()
+    if shards.shard_of(first) == first:  # loose images
+        for start in range(0, block.num_rows, batch_size):
+            yield read_and_decode(block.slice(start, batch_size), image_size=image_size, errors_dir=errors_dir)
+        return
+    shard_of_row = [shards.shard_of(uri) for uri in block[IMAGE].to_pylist()]
+    for shard in dict.fromkeys(shard_of_row):
+        rows_of_shard = block.take([i for i, s in enumerate(shard_of_row) if s == shard])
+        yield from read_and_decode_shard(rows_of_shard, image_size=image_size, errors_dir=errors_dir, rows=rows,
+                                         image_column=image_column, key_column=key_column)
+
+
 def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, rows: int,
                           image_column: str, key_column: str) -> Iterator[pa.Table]:
-    """CPU task: a block of one shard's records → its samples decoded, ``rows`` at a time.
+    """The records of one shard → its samples decoded, ``rows`` at a time.
 
     The shard is streamed once; a sample that is broken or missing, and a shard-level failure (a
     record named by the shard itself), is recorded as ``read_and_decode`` records its failures.
@@ -161,7 +202,7 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
         storage.check_bucket(uri)
-    records = read_config_records(config)
+    records = read_config_records(asdict(config))
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
     train_captions = [c for r in records if r.split == "train" for c in r.captions]
     if not train_captions:
@@ -217,6 +258,7 @@ def prepare(config: PrepareConfig) -> dict:
         "splits": splits,
         "num_images": total_written,
         "num_errors": len(errors),
+        "objects": any(r.objects is not None for r in records),  # ground truth for evaluate's object accuracy
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
@@ -241,23 +283,13 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
         TOKENS: pa.array([[vocab.encode(c, max_length=config.max_caption_tokens) for c in r.captions]
                           for r in records], pa.list_(pa.list_(pa.int32()))),
     })
-    sharded = [shards.shard_of(r.image) for r in records]
-    if any(s != r.image for s, r in zip(sharded, records)):  # samples of shards: one block per shard
-        order = sorted(range(len(records)), key=lambda i: sharded[i])
-        table = table.take(order)
-        starts = [i for i in range(len(order)) if i == 0 or sharded[order[i]] != sharded[order[i - 1]]]
-        bounds = [*starts, len(order)]
-        decode, kwargs, batch_size = read_and_decode_shard, {
-            "rows": BATCHES_PER_BLOCK * config.batch_size, "image_column": config.image_column,
-            "key_column": config.key_column}, None
-    else:
-        num_blocks = max(1, min(MAX_BLOCKS, math.ceil(len(records) / (BATCHES_PER_BLOCK * config.batch_size))))
-        bounds = [i * len(table) // num_blocks for i in range(num_blocks + 1)]
-        decode, kwargs, batch_size = read_and_decode, {}, config.batch_size
-    num_blocks = len(bounds) - 1
-    ds = ray.data.from_arrow([table.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])])
-    ds = map_with_retries(ds, decode, fn_kwargs={"image_size": spec.image_size, "errors_dir": errors_dir, **kwargs},
-                          batch_size=batch_size, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+    blocks = _blocks(table, [shards.shard_of(r.image) for r in records], rows=BATCHES_PER_BLOCK * config.batch_size)
+    num_blocks = len(blocks)
+    ds = ray.data.from_arrow(blocks)
+    ds = map_with_retries(ds, decode_block, fn_kwargs={
+                              "image_size": spec.image_size, "errors_dir": errors_dir, "batch_size": config.batch_size,
+                              "image_column": config.image_column, "key_column": config.key_column},
+                          batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from capray import storage
 from capray.formats import ERROR, PATH
 from capray.shards import shard_of
-from capray.sink import COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata, shard_uris, write_parquet
+from capray.sink import (COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata,
+                         shard_uris, write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ def digests_of(paths: Iterable[str]) -> np.ndarray:
 
 
 def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
-                   count_in: Collection[str] = frozenset()) -> tuple[np.ndarray, list[str], Counter]:
-    """Sorted digests of every path already in ``output``, the shards that hold error rows, and how
-    many of those paths belong to each of the input shards ``count_in`` (``capray.shards``: their
-    samples are not listed up front, so this is what a sharded run has already done).
+                   count_in: Collection[str] = frozenset()) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """Sorted digests of every path already in ``output``, the shards that hold error rows, and the
+    digests of those paths that belong to each of the input shards ``count_in`` (``capray.shards``:
+    their samples are not listed up front, so this is what a sharded run has already done).
 
     With ``retry_errors`` the paths of error rows do not count as done. Removes the temporary files a
     killed run may have left (a shard itself only ever appears whole). A shard that cannot be read is
@@ -77,10 +78,10 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
     ``ValueError``. Also raises ``ValueError`` if the shards were made with another checkpoint or settings.
     """
     if not storage.exists(output):
-        return np.empty(0, dtype="S16"), [], Counter()
+        return np.empty(0, dtype="S16"), [], {}
     delete_temporaries(output)
 
-    def digests(uri: str) -> tuple[np.ndarray, bool, Counter]:
+    def digests(uri: str) -> tuple[np.ndarray, bool, dict[str, np.ndarray]]:
         fs, path = storage.resolve(uri)
         try:
             with fs.open_input_file(path) as f:
@@ -97,8 +98,12 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
         paths = table.column(PATH).to_pylist()
         if retry_errors:
             paths = [p for p, f in zip(paths, failed) if not f]
-        counted = Counter(s for s in map(shard_of, paths) if s in count_in) if count_in else Counter()
-        return digests_of(paths), bool(failed.any()), counted
+        hashed = digests_of(paths)
+        by_shard: dict[str, list[int]] = defaultdict(list)
+        for i, shard in enumerate(map(shard_of, paths) if count_in else ()):
+            if shard in count_in:
+                by_shard[shard].append(i)
+        return hashed, bool(failed.any()), {s: hashed[rows] for s, rows in by_shard.items()}
 
     uris = shard_uris(output)
     with ThreadPoolExecutor(max_workers=8) as pool:  # shards are read one request each: overlap them
@@ -106,7 +111,11 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
     done = np.concatenate([d for d, _, _ in parts]) if parts else np.empty(0, dtype="S16")
     done.sort()
     with_errors = [uri for uri, (_, failed, _) in zip(uris, parts) if failed] if retry_errors else []
-    return done, with_errors, sum((c for _, _, c in parts), Counter())
+    in_shards: dict[str, list[np.ndarray]] = defaultdict(list)
+    for _, _, part in parts:
+        for shard, digests in part.items():
+            in_shards[shard].append(digests)
+    return done, with_errors, {s: np.concatenate(d) for s, d in in_shards.items()}
 
 
 def marker_uri(output: str, shard: str) -> str:
@@ -118,11 +127,11 @@ def write_marker(output: str, shard: str, rows: int) -> None:
     storage.write_json(marker_uri(output, shard), {"shard": shard, "rows": rows})
 
 
-def complete_shards(output: str, shards: Sequence[str], done: Counter) -> set[str]:
+def complete_shards(output: str, shards: Sequence[str], done: dict[str, np.ndarray]) -> set[str]:
     """The input shards whose every row is in ``output``: read whole before (their marker), and as many
     of their rows done as that read gave. A re-run does not read them again; shards are taken as
     immutable, as img2dataset writes them (``--retry-errors`` and ``--overwrite`` read them again)."""
-    candidates = [s for s in shards if done.get(s)]
+    candidates = [s for s in shards if len(done.get(s, ()))]
     if not candidates:
         return set()
 
@@ -132,7 +141,7 @@ def complete_shards(output: str, shards: Sequence[str], done: Counter) -> set[st
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: overlap them
         counts = list(pool.map(rows, candidates))
-    return {s for s, n in zip(candidates, counts) if n is not None and n == done[s]}
+    return {s for s, n in zip(candidates, counts) if n is not None and n == len(done[s])}
 
 
 def drop_error_rows(uri: str) -> None:

@@ -55,6 +55,8 @@ class Sample:
     fields: dict[str, Any] = field(default_factory=dict)
     """The tar's ``.json`` fields and ``txt``, or the Parquet row's other columns."""
     error: str | None = None
+    numbered: bool = False
+    """The key is the row's number in its file (a Parquet file without a key column)."""
 
     def value(self, name: str) -> str | None:
         """A field as text (JSON for lists and objects); ``key`` is the sample's key."""
@@ -82,12 +84,11 @@ def sample_path(shard: str, key: str) -> str:
 
 
 def shard_of(path: str) -> str:
-    """The shard a sample path names (the path itself for a shard-level row or a plain file)."""
-    for extension in KINDS:
-        cut = path.find(f".{extension}#")
-        if cut >= 0:
-            return path[:cut + len(extension) + 1]
-    return path
+    """The shard a sample path names (the path itself for a shard-level row or a plain file): up to the
+    first ``.tar#`` or ``.parquet#``, in any case (a key may hold either; a folder name should not)."""
+    lowered = path.lower()
+    cuts = [(cut + len(extension) + 1) for extension in KINDS if (cut := lowered.find(f".{extension}#")) >= 0]
+    return path[:min(cuts)] if cuts else path
 
 
 def expand(pattern: str) -> list[str]:
@@ -118,15 +119,22 @@ def detect(uri: str, extensions: Sequence[str]) -> str | None:
     return None
 
 
-def list_shards(uri: str, kind: str) -> list[str]:
+def list_shards(uri: str, kind: str, *, image_extensions: Sequence[str] = ()) -> list[str]:
     """The shard URIs of a pattern, file or prefix, sorted (a pattern's may not exist: a missing
-    shard becomes an error row when it is read, not a silent gap)."""
+    shard becomes an error row when it is read, not a silent gap). A prefix that also holds images
+    (``image_extensions``) is refused: which of the two the user meant cannot be told."""
     if is_pattern(uri):
         return [storage.normalize(u) for u in expand(uri)]
     if storage.is_file(uri):
         return [storage.normalize(uri)]
     extension = next(e for e, k in KINDS.items() if k == kind)
-    return sorted(storage.list_files(uri, extensions=(extension,)))
+    found = []
+    for listed in storage.list_files(uri, extensions=(extension, *image_extensions)):
+        if shard_kind(listed) != kind:
+            raise ValueError(f"--input {uri} holds {kind} shards and images ({storage.basename(listed)}): give a "
+                             "prefix of one kind, or a brace pattern of the shards")
+        found.append(listed)
+    return sorted(found)
 
 
 def check_columns(shard: str, *, image_column: str = "", key_column: str = "") -> None:
@@ -141,7 +149,7 @@ def check_columns(shard: str, *, image_column: str = "", key_column: str = "") -
         return
     image = image_column or next((c for c in IMAGE_COLUMNS if c in names), "")
     for flag, column in (("--image-column", image), ("--key-column", key_column)):
-        if column and column not in names or flag == "--image-column" and not column:
+        if (column and column not in names) or (flag == "--image-column" and not column):
             wanted = column or f"any of {', '.join(IMAGE_COLUMNS)}"
             raise ValueError(f"{shard}: no column {wanted} for {flag} (it has {', '.join(names)})")
 
@@ -154,10 +162,13 @@ def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: s
     again); everything else wrong is a ``Sample`` with ``error`` set. ``columns``: the Parquet columns to
     read besides the image and the key (a tar's ``.json`` and ``.txt`` are always read).
     """
-    if shard_kind(shard) == WEBDATASET:
+    kind = shard_kind(shard)
+    if kind == WEBDATASET:
         yield from _tar_samples(shard, tuple(e.lower().lstrip(".") for e in image_extensions))
-    else:
+    elif kind == PARQUET:
         yield from _parquet_samples(shard, image_column=image_column, key_column=key_column, columns=columns)
+    else:
+        raise ValueError(f"{shard}: not a .tar or .parquet shard")
 
 
 class _Counting:
@@ -190,7 +201,7 @@ def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Samp
     with raw:
         stream = _Counting(raw)
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # uncompressed, as WebDataset's .tar
                 for member in tar:
                     if not member.isreg():
                         continue
@@ -201,15 +212,14 @@ def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Samp
                     member_key = f"{folder}/{stem}" if folder else stem
                     if member_key != key:
                         if key is not None:
-                            yield _tar_sample(shard, key, members, image_extensions, repeated=key in seen)
+                            repeat = count if key in seen else None
+                            yield _tar_sample(shard, key, members, image_extensions, repeat=repeat)
                             seen.add(key)
                             count += 1
                         key, members = member_key, {}
                     members[extension.lower()] = tar.extractfile(member).read()
                 end = tar.offset
-            stream.read()  # the end-of-archive blocks and padding
-            complete = stream.count >= end + 2 * tarfile.BLOCKSIZE
-            problem = None if complete else "no end-of-archive marker"
+            problem = _tail_problem(stream, end)
         except (tarfile.TarError, EOFError) as exc:
             problem = str(exc) or type(exc).__name__
         except OSError as exc:
@@ -217,10 +227,10 @@ def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Samp
             if isinstance(failure, storage.TransientStorageError):
                 raise failure from exc
             problem = str(failure)
-    if key is not None:  # the last sample: good if its image was read whole, even from a truncated shard
-        sample = _tar_sample(shard, key, members, image_extensions, repeated=key in seen)
-        if problem is not None and sample.image is None:
-            sample.error = f"cut off: the shard ends inside this sample ({problem})"
+    if key is not None:  # the last sample: a cut may have taken its last files, so it is never trusted then
+        sample = _tar_sample(shard, key, members, image_extensions, repeat=count if key in seen else None)
+        if problem is not None:
+            sample.error, sample.image = f"cut off: the shard ends in or right after this sample ({problem})", None
         yield sample
         count += 1
     if problem is not None:
@@ -231,11 +241,23 @@ def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Samp
                                                   "whatever followed cannot be read")
 
 
+def _tail_problem(stream: _Counting, end: int) -> str | None:
+    """What is wrong after a tar's last member (``end``): the end-of-archive blocks missing (a cut), or
+    data after them (tars joined end to end, whose later members ``tarfile`` would skip silently)."""
+    nonzero = False
+    while chunk := stream.read(1 << 20):
+        nonzero = nonzero or chunk.count(0) != len(chunk)
+    if stream.count < end + 2 * tarfile.BLOCKSIZE:
+        return "no end-of-archive marker"
+    return "data after the end-of-archive marker (tars joined end to end?)" if nonzero else None
+
+
 def _tar_sample(shard: str, key: str, members: dict[str, bytes], image_extensions: tuple[str, ...], *,
-                repeated: bool) -> Sample:
+                repeat: int | None) -> Sample:
+    if repeat is not None:  # WebDataset keeps a sample's files together; a key seen again is another sample
+        return Sample(sample_path(shard, f"{key}#{repeat}"), key, None,
+                      error="the key appears twice in the shard (its files are not together)")
     path = sample_path(shard, key)
-    if repeated:  # WebDataset keeps a sample's files together; a key seen again would be a second sample
-        return Sample(path, key, None, error="the key appears twice in the shard (its files are not together)")
     fields: dict[str, Any] = {}
     if "json" in members:
         try:
@@ -244,7 +266,10 @@ def _tar_sample(shard: str, key: str, members: dict[str, bytes], image_extension
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return Sample(path, key, None, error=f"{key}.json is not valid JSON ({exc})")
     if "txt" in members:
-        fields["txt"] = members["txt"].decode("utf-8", errors="replace")
+        try:
+            fields["txt"] = members["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Sample(path, key, None, error=f"{key}.txt is not UTF-8 ({exc.reason})")
     image = next((members[e] for e in image_extensions if e in members), None)
     if image is None:
         found = ", ".join(sorted(members)) or "nothing"
@@ -268,27 +293,32 @@ def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns:
                 yield Sample(shard, None, None, error=f"no column {wanted} (it has {', '.join(names)})")
                 return
             read = list(dict.fromkeys(c for c in (image, key, *columns) if c and c in names))
+            seen: set[str] = set()
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=read):
                 rows = batch.to_pydict()
                 for i in range(batch.num_rows):
-                    sample_key = str(rows[key][i]) if key and rows[key][i] is not None else str(count)
+                    numbered = not key or rows[key][i] is None
+                    sample_key = str(count) if numbered else str(rows[key][i])
                     data = rows[image][i]
                     if isinstance(data, dict):  # a Hugging Face image struct: {"bytes": ..., "path": ...}
                         data = data.get("bytes")
-                    fields = {c: rows[c][i] for c in read if c not in (image, key)}
-                    error = None if data else f"no image bytes in column {image}"
-                    yield Sample(sample_path(shard, sample_key), sample_key, data or None, fields, error)
+                    fields = {c: rows[c][i] for c in read if c != image}
+                    path, error = sample_path(shard, sample_key), None if data else f"no image bytes in column {image}"
+                    if sample_key in seen:  # another row with this key: its own path, and an error
+                        path, error = sample_path(shard, f"{sample_key}#{count}"), "the key repeats an earlier row's"
+                    seen.add(sample_key)
+                    yield Sample(path, sample_key, None if error else data, fields, error, numbered)
                     count += 1
     except FileNotFoundError:
         yield Sample(shard, None, None, error="no such shard")
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        what = "not a Parquet file" if count == 0 else f"unreadable after {count} row(s)"
-        yield Sample(shard, None, None, error=f"{what} ({str(exc).splitlines()[0]})")
     except OSError as exc:
         failure = storage.classified(f"cannot read {shard}", exc)
         if isinstance(failure, storage.TransientStorageError):
             raise failure from exc
         yield Sample(shard, None, None, error=f"unreadable after {count} row(s) ({failure})")
+    except pa.ArrowException as exc:  # not Parquet, corrupt, or too big to read
+        what = "not a Parquet file" if count == 0 else f"unreadable after {count} row(s)"
+        yield Sample(shard, None, None, error=f"{what} ({str(exc).splitlines()[0]})")
 
 
 def read_any(uri: str, *, image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp")) -> bytes:

@@ -24,9 +24,9 @@ SHARD_NAME = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{6}\.parquet")
 TEMPORARY_NAME = re.compile(r"\.part-.*\.parquet\.tmp-[0-9a-f]{8}")
 META_PREFIX = "capray."
 """Parquet key-value metadata of a shard: ``capray.checkpoint``, ``capray.beam_size``, ..."""
-COMPATIBLE_KEYS = ("checkpoint", "beam_size", "max_length", "encoder", "columns")
+COMPATIBLE_KEYS = ("checkpoint", "beam_size", "max_length", "encoder", "columns", "key_column")
 """Metadata that must agree for a run to add shards to an output that already holds some."""
-COMPATIBLE_DEFAULTS = {"columns": "[]"}
+COMPATIBLE_DEFAULTS = {"columns": "[]", "key_column": ""}
 """What a key missing from an older shard's metadata meant (no kept columns before they existed)."""
 RETRY = "retry"
 """Between the decode tasks and the sink: the image's read failed for a transient reason (throttling,

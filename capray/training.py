@@ -352,6 +352,16 @@ def print_summary(summary: dict) -> None:
     print(f"caption with: capray caption --checkpoint {summary['run']} --input IMAGES --out OUT")
 
 
+def _plot_name(image: str) -> str:
+    """A file name for an image's plot: its own name, or SHARD-KEY for a shard's sample."""
+    from capray.shards import shard_of
+
+    shard = shard_of(image)
+    if shard == image:
+        return storage.basename(image).rsplit(".", 1)[0]
+    return storage.basename(shard).rsplit(".", 1)[0] + "-" + image[len(shard) + 1:].replace("/", "-")
+
+
 def write_run_plots(run_dir: str, *, features: str, images: int) -> None:
     """``RUN/curves.png`` (loss and BLEU-4 per epoch) and ``RUN/attention/*.png`` for a few fixed val images.
 
@@ -365,7 +375,7 @@ def write_run_plots(run_dir: str, *, features: str, images: int) -> None:
             from capray.evaluation import attend, first_images
 
             for image in first_images(storage.join(features, "val"), images):
-                name = storage.basename(image).rsplit(".", 1)[0]
+                name = _plot_name(image)
                 attend(run_dir, image, storage.join(run_dir, ATTENTION_DIR, f"{name}.png"))
         log.info("curves: %s; attention maps of %d val image(s): %s", storage.join(run_dir, CURVES_FILE), images,
                  storage.join(run_dir, ATTENTION_DIR))

@@ -99,7 +99,21 @@ def test_a_tar_cut_between_samples_is_still_reported(tmp_path):
     put(path, make_tar(samples)[: members_end(samples[:1])])
     got = list(shards.iter_samples(path, image_extensions=("jpg",)))
     assert [s.key for s in got] == ["000000000", None]
-    assert got[0].error is None and got[1].path == path and "end-of-archive" in got[1].error
+    assert "cut off" in got[0].error  # its last files may be what the cut took
+    assert got[1].path == path and "end-of-archive" in got[1].error
+
+
+def test_a_compressed_or_concatenated_tar_is_not_read_as_one_whole_tar(tmp_path):
+    import gzip
+
+    packed = str(tmp_path / "packed.tar")
+    put(packed, gzip.compress(make_tar([sample(0)])))
+    (error,) = shards.iter_samples(packed, image_extensions=("jpg",))
+    assert error.path == packed and "not a tar" in error.error
+    joined = str(tmp_path / "joined.tar")  # tarfile would stop at the first end-of-archive marker
+    put(joined, make_tar([sample(0)]) + make_tar([sample(1)]))
+    got = list(shards.iter_samples(joined, image_extensions=("jpg",)))
+    assert got[-1].path == joined and "after the end-of-archive" in got[-1].error
 
 
 @pytest.mark.parametrize("data, needle", [(b"", "not a tar"), (b"plain text, not a tar\n" * 50, "not a tar")])
@@ -118,6 +132,14 @@ def test_a_sample_without_an_image_and_a_repeated_key_are_errors(tmp_path):
     assert ("000000000", False) in got and ("000000002", True) in got
     errors = [s for s in shards.iter_samples(path, image_extensions=("jpg",)) if s.key == key]
     assert [e.error is None for e in errors] == [True, False] and "twice" in errors[1].error
+    assert errors[0].path == f"{path}#{key}" and errors[1].path == f"{path}#{key}#3"  # one row each
+
+
+def test_a_txt_that_is_not_utf8_is_an_error(tmp_path):
+    path = str(tmp_path / "latin.tar")
+    put(path, make_tar([("k", {"jpg": jpeg(0), "txt": "café".encode("latin-1")})]))
+    (got,) = shards.iter_samples(path, image_extensions=("jpg",))
+    assert got.image is None and "not UTF-8" in got.error
 
 
 def test_a_missing_shard_is_one_error(tmp_path):
@@ -139,12 +161,19 @@ def test_parquet_rows_are_samples_named_by_the_key_column_or_the_row(tmp_path):
                              row_group_size=2))
     got = list(shards.iter_samples(keyed, image_extensions=(), columns=("url",)))
     assert [s.path for s in got] == [f"{keyed}#a", f"{keyed}#b", f"{keyed}#c"]
+    assert got[1].value("key") == "b" and not got[1].numbered
     assert [s.value("url") for s in got] == ["u0", "u1", None] and got[2].image == images[2]
     hf = str(tmp_path / "hf.parquet")  # a Hugging Face image struct, no key column
     structs = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)])
     put(hf, parquet_bytes(pa.table({"image": structs, "text": ["x", "y", "z"]})))
     got = list(shards.iter_samples(hf, image_extensions=(), columns=("text",)))
     assert [s.key for s in got] == ["0", "1", "2"] and got[1].image == images[1] and got[1].value("text") == "y"
+    assert all(s.numbered for s in got)
+    repeated = str(tmp_path / "repeated.parquet")
+    put(repeated, parquet_bytes(pa.table({"id": ["x", "y", "x"], "jpg": images})))
+    got = list(shards.iter_samples(repeated, image_extensions=(), columns=("id",)))
+    assert [s.path for s in got] == [f"{repeated}#x", f"{repeated}#y", f"{repeated}#x#2"]
+    assert [s.error is None for s in got] == [True, True, False] and got[0].value("id") == "x"
 
 
 def test_parquet_without_an_image_column_or_not_parquet_is_one_error(tmp_path):
@@ -165,6 +194,8 @@ def test_patterns_expand_in_order_and_sample_paths_name_their_shard():
     assert shards.shard_of("s3://b/s/00001.tar#000000012") == "s3://b/s/00001.tar"
     assert shards.shard_of("s3://b/p/x.parquet#a#b") == "s3://b/p/x.parquet"
     assert shards.shard_of("s3://b/img/cat.jpg") == "s3://b/img/cat.jpg"
+    assert shards.shard_of("s3://b/s/A.TAR#k") == "s3://b/s/A.TAR"
+    assert shards.shard_of("s3://b/p/f.parquet#a.tar#b") == "s3://b/p/f.parquet"
 
 
 # --- capray caption on moto S3 -----------------------------------------------------------------------
@@ -274,6 +305,9 @@ def test_what_an_input_holds_is_told_by_its_files(tmp_path):
     assert shards.detect(str(tmp_path / "p" / "{0..3}.parquet"), ("jpg",)) == shards.PARQUET
     with pytest.raises(ValueError, match="one kind"):
         shards.detect(str(tmp_path / "{a.tar,b.parquet}"), ("jpg",))
+    (tars / "stray.jpg").write_bytes(jpeg(2))  # which of the two was meant cannot be told
+    with pytest.raises(ValueError, match="shards and images"):
+        shards.list_shards(str(tars), shards.WEBDATASET, image_extensions=("jpg",))
 
 
 @pytest.mark.parametrize("case", ["mixed pattern", "no image column", "mistyped key column"])
@@ -326,18 +360,20 @@ def test_prepare_from_shards_then_train_then_evaluate(ray_local, s3_bucket, tmp_
                       samples_per_shard=50)
     broken = f"{folder}/00009.tar"  # one more shard, with a broken image
     put(broken, make_tar([("b0", {"jpg": b"not a jpeg", "txt": b"a red circle"})]))
+    loose = generate(f"{s3_bucket}/loose", SynthConfig(num_images=20, seed=6, image_size=64))  # a manifest too
     features = f"{s3_bucket}/features"
-    summary = prepare(PrepareConfig(annotations=(f"{folder}/{{00000..00002}}.tar", broken), out=features,
+    summary = prepare(PrepareConfig(annotations=(f"{folder}/{{00000..00002}}.tar", broken, loose), out=features,
                                     encoder=EncoderSpec("efficientnet_lite0", "imagenet", 64), batch_size=32,
                                     vocab_size=100))
     assert [e["image"] for e in summary["errors"]] == [f"{broken}#b0"]
-    assert summary["num_images"] == 120
+    assert summary["num_images"] == 120 + 20 and summary["objects"]
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(f"{features}/train")
     ids = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == summary["splits"]["train"]["images"]
-    assert all(shards.shard_of(i).startswith(f"{folder}/0000") for i in ids)
+    assert sum(shards.shard_of(i).startswith(f"{folder}/0000") for i in ids) > 80  # 0.8 of the 120 samples
+    assert sum(i.startswith("shape-") for i in ids) > 10  # and of the 20 loose images
 
     result = train(TrainConfig(features=features, out=f"{s3_bucket}/runs", name="shards", workers=1, epochs=2,
                                embed_dim=16, hidden_dim=64, projection_dim=32, attention_dim=16, batch_size=16))
