@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/train_scaling.py
 	$(PY) bench/listing_memory.py --json bench-output/listing_memory.json
+	$(PY) bench/shard_input.py --json bench-output/shard_input.json
 
 # What an air-gapped GPU node (Python 3.12, its own torch stack, no Ray, no index) needs to run capray:
 # dist/capray-bundle-py312-manylinux2014_x86_64/, carried with the call; install.sh there installs it.
