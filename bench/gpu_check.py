@@ -60,7 +60,7 @@ class Sizes:
 
 
 GPU = Sizes(encoder_batches=(64, 128, 256), timed_batches=6, beam_batch=128, single_images=16, shapes_images=3000,
-            shapes_epochs=6, seed_images=8192, seed_epochs=3)
+            shapes_epochs=6, seed_images=4096, seed_epochs=3)
 CPU = Sizes(encoder_batches=(4, 8), timed_batches=1, beam_batch=8, single_images=2, shapes_images=160,
             shapes_epochs=2, seed_images=96, seed_epochs=2)
 SEED_DECODER = dict(embed_dim=256, hidden_dim=512, projection_dim=256, attention_dim=512)
@@ -72,7 +72,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (implied without a GPU)")
     p.add_argument("--skip", default="", help="sections to leave out, by number (e.g. 4,5)")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
-    p.add_argument("--json", default="", help="write the results here too")
+    p.add_argument("--json", default="", help="write the results here too (after every section)")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="start no section after this many seconds (0: none); a lent GPU's call has a time limit")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -93,6 +95,9 @@ def main() -> None:
     for number, name, run in sections:
         if number in skip:
             continue
+        if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+            results[name] = {"error": f"not run: past --deadline-s {args.deadline_s:g}"}
+            continue
         t0 = time.perf_counter()
         try:
             results[name] = run()
@@ -100,6 +105,8 @@ def main() -> None:
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         results[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"gpu-check: section {number} ({name}) done in {results[name]['seconds']} s", flush=True)
+        if args.json:  # what is measured survives a call cut short
+            storage.write_json(args.json, results)
     results["seconds"] = round(time.perf_counter() - started, 1)
     print_table(results)
     if args.json:
