@@ -21,8 +21,6 @@ from capray import shards, storage
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-"""A WebDataset sample's image is its first file with one of these extensions."""
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
 
 
@@ -118,7 +116,7 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
     hashed: set[str] = set()  # shard samples whose split came from the hash, not from the data
     first_seen: dict[str, tuple[int, str, str]] = {}  # image_id → (source index, URI, split)
     for index, (uri, images) in enumerate(sources):
-        kind = shards.detect(uri, IMAGE_EXTENSIONS) if not uri.lower().endswith(ANNOTATION_SUFFIXES) else None
+        kind = shards.detect(uri, shards.IMAGE_EXTENSIONS) if not uri.lower().endswith(ANNOTATION_SUFFIXES) else None
         if kind is None:
             source_records = read_annotations(uri, images=images)
         elif images:
@@ -172,7 +170,7 @@ def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fractio
 
     def read(shard: str) -> list[tuple[Record, bool]]:
         out = []
-        for sample in shards.iter_samples(shard, image_extensions=IMAGE_EXTENSIONS, image_column=image_column,
+        for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS, image_column=image_column,
                                           key_column=key_column, columns=columns):
             captions = next((sample.fields[f] for f in fields if sample.fields.get(f)), ())
             captions = tuple(map(str, captions)) if isinstance(captions, (list, tuple)) else (str(captions),)

@@ -308,16 +308,31 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
     Returns ``path``, ``image`` uint8 (N, S, S, 3) (zeros where decoding failed), ``width``, ``height``
     int32 (0 on error), ``error`` ("" when fine) and ``retry`` (the error is transient: see ``RETRY``).
     """
+    paths = _listed(batch)
+    return decode_rows(paths, storage.read_many(paths), image_size)
+
+
+def _listed(batch: dict[str, np.ndarray]) -> list[str]:
+    """The paths of a decode task's listing units (listing shard, row group)."""
     paths = []
     for uri, group in zip(batch[LISTING], batch[GROUP]):
         fs, path = storage.resolve(str(uri))
         with fs.open_input_file(path) as f:
             paths += pq.ParquetFile(f).read_row_group(int(group), columns=[PATH]).column(PATH).to_pylist()
+    return paths
+
+
+def decode_rows(paths: list[str], contents, image_size: int) -> dict[str, np.ndarray]:
+    """The decode tasks' rows: each path's content (bytes, or the exception its read raised) decoded.
+
+    Returns ``path``, ``image`` uint8 (N, S, S, 3) (zeros where decoding failed), ``width``, ``height``
+    int32 (0 on error), ``error`` ("" when fine) and ``retry`` (the error is transient: see ``RETRY``).
+    """
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
     errors, retry = np.full(n, "", dtype=object), np.zeros(n, dtype=bool)
-    for i, data in enumerate(storage.read_many(paths)):
+    for i, data in enumerate(contents):
         try:
             if isinstance(data, Exception):
                 raise data
@@ -342,40 +357,26 @@ def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, outp
     """
     finished = _load_digests(done)
     pending: list[shards.Sample] = []
-    for uri, group in zip(batch[LISTING], batch[GROUP]):
-        fs, path = storage.resolve(str(uri))
-        with fs.open_input_file(path) as f:
-            listed = pq.ParquetFile(f).read_row_group(int(group), columns=[PATH]).column(PATH).to_pylist()
-        for shard in listed:
-            count = 0
-            for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
-                                              key_column=key_column, columns=columns):
-                count += 1
-                if contains(finished, digests_of([sample.path]))[0]:
-                    continue
-                pending.append(sample)
-                if len(pending) == rows:
-                    yield _decoded(pending, image_size, columns)
-                    pending = []
-            write_marker(output, shard, count)
+    for shard in _listed(batch):
+        count = 0
+        for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
+                                          key_column=key_column, columns=columns):
+            count += 1
+            if contains(finished, digests_of([sample.path]))[0]:
+                continue
+            pending.append(sample)
+            if len(pending) == rows:
+                yield _decoded(pending, image_size, columns)
+                pending = []
+        write_marker(output, shard, count)
     if pending:
         yield _decoded(pending, image_size, columns)
 
 
 def _decoded(samples: list[shards.Sample], image_size: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    n = len(samples)
-    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-    errors = np.full(n, "", dtype=object)
-    for i, sample in enumerate(samples):
-        try:
-            if sample.error is not None:
-                raise ImageDecodeError(sample.error)
-            images[i], widths[i], heights[i] = decode_image(sample.image, image_size)
-        except ImageDecodeError as exc:
-            errors[i] = str(exc) or type(exc).__name__
-    batch = {PATH: np.array([s.path for s in samples], dtype=object), IMAGE: images, WIDTH: widths,
-             HEIGHT: heights, ERROR: errors, RETRY: np.zeros(n, dtype=bool)}
+    """``decode_rows`` of shard samples (a sample's own error is its row's), plus the kept ``columns``."""
+    contents = [s.image if s.error is None else ImageDecodeError(s.error) for s in samples]
+    batch = decode_rows([s.path for s in samples], contents, image_size)
     for column in columns:
         batch[column] = np.array([s.value(column) for s in samples], dtype=object)
     return batch

@@ -23,7 +23,7 @@ import torch
 from ray.data.datasource import FilenameProvider
 
 from capray import shards, storage
-from capray.annotations import IMAGE_EXTENSIONS, SPLITS, Record, pair_sources, read_sources
+from capray.annotations import SPLITS, Record, pair_sources, read_sources
 from capray.config import PrepareConfig
 from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
@@ -84,6 +84,13 @@ def read_config_records(config: dict) -> list[Record]:
                         key_column=config.get("key_column", ""), caption_column=config.get("caption_column", ""))
 
 
+def _record_failures(failures: list[dict], errors_dir: str) -> None:
+    """One small JSONL of a task's decode failures in ``errors_dir`` (merged into prepare.json at the end)."""
+    if failures:
+        text = "".join(json.dumps(f) + "\n" for f in failures)
+        storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
+
+
 def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.Table:
     """CPU task: read each image's bytes and decode it.
 
@@ -102,9 +109,7 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
             continue
         keep.append(i)
         pixels.append(array)
-    if failures:
-        text = "".join(json.dumps(f) + "\n" for f in failures)
-        storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
+    _record_failures(failures, errors_dir)
     stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
     return batch.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
 
@@ -167,7 +172,7 @@ def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, 
         return block.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
 
     shard = shards.shard_of(next(iter(wanted)))
-    for sample in shards.iter_samples(shard, image_extensions=IMAGE_EXTENSIONS, image_column=image_column,
+    for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS, image_column=image_column,
                                       key_column=key_column):
         index = wanted.pop(sample.path, None)
         if index is None:
@@ -185,9 +190,7 @@ def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, 
             yield flush()
             keep, pixels = [], []
     failures += [{"image_id": uri, "image": uri, "error": "not in its shard any more"} for uri in wanted]
-    if failures:
-        text = "".join(json.dumps(f) + "\n" for f in failures)
-        storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
+    _record_failures(failures, errors_dir)
     if keep:
         yield flush()
 

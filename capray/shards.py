@@ -32,7 +32,9 @@ from capray import storage
 WEBDATASET, PARQUET = "webdataset", "parquet"
 KINDS = {"tar": WEBDATASET, "parquet": PARQUET}
 """Shard kind by file extension."""
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""A WebDataset sample's image is its first file with one of these extensions (unless told others)."""
+IMAGE_COLUMNS = (*IMAGE_EXTENSIONS, "image", "img", "image_bytes")
 """Parquet columns tried, in order, for the image bytes when ``--image-column`` is not given."""
 KEY_COLUMNS = ("key", "id", "image_id")
 """Parquet columns tried, in order, for a sample's key when ``--key-column`` is not given."""
@@ -321,7 +323,7 @@ def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns:
         yield Sample(shard, None, None, error=f"{what} ({str(exc).splitlines()[0]})")
 
 
-def read_any(uri: str, *, image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp")) -> bytes:
+def read_any(uri: str, *, image_extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bytes:
     """The bytes of an image object, or of a shard sample (``shard#key``: its shard is read up to it)."""
     shard = shard_of(uri)
     if shard == uri:
