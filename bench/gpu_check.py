@@ -349,7 +349,7 @@ def seed_training(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     write_seed_features(features, sizes.seed_images)
     runs = os.path.join(workdir, "runs")
     train(TrainConfig(features=features, out=runs, name="seed", workers=1, gpus_per_worker=1.0 if cuda else 0.0,
-                      epochs=sizes.seed_epochs, batch_size=64, position_embeddings=False,
+                      epochs=sizes.seed_epochs, batch_size=64, positions="none",
                       val_every=sizes.seed_epochs, val_images=64, attention_images=0, **SEED_DECODER))
     rates = [m["train_images_per_s"] for m in read_metrics(os.path.join(runs, "seed"))[1:]]
     return {"images": sizes.seed_images, "epochs": sizes.seed_epochs,

@@ -275,8 +275,9 @@ class TrainConfig:
     """Attention hidden size."""
     dropout: float = 0.0
     """Dropout before the output layer."""
-    position_embeddings: bool = True
-    """Learn an embedding per region position, added to the projected regions (where each region lies)."""
+    positions: Literal["grid", "learned", "none"] = "grid"
+    """Where each region lies, added to the projected regions: ``grid`` learns a map of its (x, y) on the
+    region grid, ``learned`` an embedding per region, ``none`` nothing (the seed's)."""
     captions_per_image: int = 0
     """Reference captions used per image per epoch, sampled afresh each epoch; 0 uses all of them."""
     label_smoothing: float = 0.0

@@ -9,12 +9,14 @@ Shape legend:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 DECODER_KINDS = ("gru", "lstm")
+POSITIONS = ("grid", "learned")
 END_CHECK_EVERY = 4
 """Beam search asks whether every beam has ended every this many steps (a host sync on a GPU)."""
 
@@ -38,9 +40,13 @@ class DecoderConfig:
     dropout: float = 0.0
     """Dropout before the output layer (the paper uses 0.5 on COCO; the seed none)."""
     num_regions: int = 0
-    """P, for a learned embedding per region position, added to the projected regions: where a region
-    lies, which the features themselves only hint at (relations: "left of", "above"). 0: none (the seed's,
-    and checkpoints from before)."""
+    """P, for where each region lies, added to the projected regions: what the features themselves only
+    hint at (relations: "left of", "above"). 0: none (the seed's, and checkpoints from before)."""
+    positions: str = "learned"
+    """How a region's place enters, with ``num_regions``: ``grid``, a learned linear map of its (x, y) on
+    the √P × √P grid (2 numbers per channel: "left of" is the same comparison anywhere in the image);
+    ``learned``, a free embedding per region (P numbers per channel, each learned from the images that
+    have something there; checkpoints from before ``grid`` existed)."""
     start_id: int = 1
     """Id of ``<start>``."""
     end_id: int = 2
@@ -56,6 +62,10 @@ class DecoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_regions < 0:
             raise ValueError(f"num_regions must be 0 (no position embedding) or positive, got {self.num_regions}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.num_regions and self.positions == "grid" and math.isqrt(self.num_regions) ** 2 != self.num_regions:
+            raise ValueError(f"positions 'grid' needs a square grid of regions, got {self.num_regions}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +117,15 @@ class Decoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(c.feature_dim))
         self.register_buffer("feature_std", torch.ones(c.feature_dim))
         self.project = nn.Sequential(nn.Linear(c.feature_dim, c.projection_dim), nn.ReLU())
-        self.positions = nn.Parameter(0.1 * torch.randn(c.num_regions, c.projection_dim)) if c.num_regions else None
+        self.positions = self.position_map = None
+        if c.num_regions and c.positions == "learned":
+            self.positions = nn.Parameter(0.1 * torch.randn(c.num_regions, c.projection_dim))  # (P, R)
+        elif c.num_regions:
+            side = math.isqrt(c.num_regions)
+            y, x = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+            # Regions come row by row (the encoders flatten H×W so): region i sits at (x, y) = coordinates[i].
+            self.register_buffer("coordinates", torch.stack([x.flatten(), y.flatten()], dim=1), persistent=False)
+            self.position_map = nn.Linear(2, c.projection_dim)
         self.attention = Attention(c.projection_dim, c.hidden_dim, c.attention_dim)
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.init_h = nn.Linear(c.projection_dim, c.hidden_dim)
@@ -123,11 +141,12 @@ class Decoder(nn.Module):
         """Standardise and project the regions; initial state from the mean region (the paper's f_init)."""
         x = (features.float() - self.feature_mean) / self.feature_std  # (B, P, E)
         regions = self.project(x)  # (B, P, R)
-        if self.positions is not None:
-            if regions.size(1) != self.positions.size(0):
-                raise ValueError(f"the decoder was trained on {self.positions.size(0)} regions per image, "
+        if self.config.num_regions:
+            if regions.size(1) != self.config.num_regions:
+                raise ValueError(f"the decoder was trained on {self.config.num_regions} regions per image, "
                                  f"these features have {regions.size(1)}")
-            regions = regions + self.positions  # (B, P, R)
+            where = self.positions if self.positions is not None else self.position_map(self.coordinates)  # (P, R)
+            regions = regions + where  # (B, P, R)
         keys = self.attention.keys(regions)  # (B, P, A)
         mean = regions.mean(dim=1)  # (B, R)
         h = torch.tanh(self.init_h(mean))  # (B, D)
@@ -151,17 +170,41 @@ class Decoder(nn.Module):
         Position t predicts ``tokens[:, t + 1]`` from the true ``tokens[:, t]``. ``image_index`` (N,)
         says which image each caption belongs to (default: caption i ↔ image i), so an image with
         several captions is projected once.
+
+        Packed: the captions run longest first, and step t computes only the captions that still have
+        a word to predict there (0-padded tokens are the end of a caption). A caption's positions past
+        its end come back as zeros, where the padded loop computed values that every loss masks; the
+        loss and its gradients are the same, at the cost of the words actually in the batch.
         """
         regions, keys, state = self.encode(features)
-        if image_index is not None:
-            regions, keys = regions.index_select(0, image_index), keys.index_select(0, image_index)  # (N, P, R|A)
-            state = _map_state(state, lambda s: s.index_select(0, image_index))
-        logits, alphas = [], []
+        if image_index is None:
+            image_index = torch.arange(tokens.size(0), device=tokens.device)
+        steps = (tokens[:, 1:] != 0).sum(dim=1)  # (N,) words each caption predicts
+        order = steps.argsort(descending=True)  # (N,) longest first
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        rows = image_index.index_select(0, order)  # (N,) the image of each sorted caption
+        regions, keys = regions.index_select(0, rows), keys.index_select(0, rows)  # (N, P, R|A)
+        state = _map_state(state, lambda s: s.index_select(0, rows))
+        tokens = tokens.index_select(0, order)
+        active = torch.bincount(steps, minlength=tokens.size(1)).flip(0).cumsum(0).flip(0)  # active[t] = #(steps ≥ t)
+        active = active[1:].tolist()  # active[t]: captions predicting at position t (one host sync per batch)
+        logits, alphas, n = [], [], tokens.size(0)
         for t in range(tokens.size(1) - 1):
-            step_logits, state, alpha = self.step(tokens[:, t], state, regions, keys)
-            logits.append(step_logits)
-            alphas.append(alpha)
-        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+            m = active[t]
+            if m == 0:
+                break
+            state = _map_state(state, lambda s: s[:m])
+            step_logits, state, alpha = self.step(tokens[:m, t], state, regions[:m], keys[:m])
+            logits.append(nn.functional.pad(step_logits, (0, 0, 0, n - m)))  # (N, V), zeros past the end
+            alphas.append(nn.functional.pad(alpha, (0, 0, 0, n - m)))  # (N, P)
+        width = tokens.size(1) - 1
+        logits = torch.stack(logits, dim=1) if logits else features.new_zeros(n, 0, self.config.vocab_size)
+        alphas = torch.stack(alphas, dim=1) if alphas else features.new_zeros(n, 0, regions.size(1))
+        if logits.size(1) < width:  # every caption ended before the padding did
+            logits = nn.functional.pad(logits, (0, 0, 0, width - logits.size(1)))
+            alphas = nn.functional.pad(alphas, (0, 0, 0, width - alphas.size(1)))
+        return logits.index_select(0, inverse), alphas.index_select(0, inverse)
 
     @torch.no_grad()
     def greedy(self, features: torch.Tensor, *, max_length: int = 20) -> Decoded:

@@ -272,7 +272,8 @@ def train(config: TrainConfig) -> dict:
                                    embed_dim=config.embed_dim, hidden_dim=config.hidden_dim,
                                    projection_dim=config.projection_dim, attention_dim=config.attention_dim,
                                    dropout=config.dropout, start_id=vocab.start_id, end_id=vocab.end_id,
-                                   num_regions=info["num_regions"] if config.position_embeddings else 0)
+                                   num_regions=info["num_regions"] if config.positions != "none" else 0,
+                                   positions="learned" if config.positions == "none" else config.positions)
     run_dir = storage.join(config.out, config.name)
     previous = existing_checkpoints(run_dir)
     if previous:

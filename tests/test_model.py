@@ -144,6 +144,52 @@ def test_every_parameter_receives_a_gradient(kind):
     assert dead == [], f"parameters without a gradient: {dead}"
 
 
+def padded_forward(decoder: Decoder, features: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor):
+    """The textbook teacher-forced loop: every caption, every position, padding included."""
+    regions, keys, state = decoder.encode(features)
+    regions, keys = regions[image_index], keys[image_index]
+    state = tuple(s[image_index] for s in state) if isinstance(state, tuple) else state[image_index]
+    logits, alphas = [], []
+    for t in range(tokens.size(1) - 1):
+        step_logits, state, alpha = decoder.step(tokens[:, t], state, regions, keys)
+        logits.append(step_logits)
+        alphas.append(alpha)
+    return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_forward_gives_the_padded_loops_loss_and_gradients(kind):
+    # Captions of many lengths, several per image, in no order: the packed forward computes only the
+    # words in the batch; every unmasked position, the loss and every gradient must be the padded loop's.
+    decoder = tiny_decoder(kind, vocab_size=20)
+    features = torch.randn(3, 9, 16)
+    lengths = [7, 3, 5, 9, 4, 9, 2]
+    image_index = torch.tensor([0, 2, 1, 0, 2, 1, 1])
+    tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = random_tokens(1, length, 20)[0]
+    targets = tokens[:, 1:]
+    mask = targets != 0
+
+    def loss_and_grads(forward):
+        decoder.zero_grad()
+        logits, alphas = forward(decoder, features, tokens, image_index)
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        coverage = (alphas * mask.unsqueeze(2)).sum(1)
+        loss = (ce * mask).sum() / mask.sum() + ((1 - coverage) ** 2).sum(1).mean()
+        loss.backward()
+        return logits, alphas, loss.detach(), {n: p.grad.clone() for n, p in decoder.named_parameters()}
+
+    packed = loss_and_grads(Decoder.forward)
+    padded = loss_and_grads(padded_forward)
+    torch.testing.assert_close(packed[0][mask], padded[0][mask])
+    torch.testing.assert_close(packed[1][mask], padded[1][mask])
+    assert (packed[0][~mask] == 0).all() and (packed[1][~mask] == 0).all()  # past a caption's end: nothing
+    torch.testing.assert_close(packed[2], padded[2])
+    for name in packed[3]:
+        torch.testing.assert_close(packed[3][name], padded[3][name], msg=name)
+
+
 def test_lstm_has_gate_and_cell_init_and_gru_does_not():
     gru, lstm = tiny_decoder("gru"), tiny_decoder("lstm")
     assert isinstance(gru.cell, torch.nn.GRUCell) and gru.gate is None and gru.init_c is None
@@ -165,35 +211,68 @@ def test_feature_standardisation_buffers_are_applied():
     assert "feature_mean" in decoder.state_dict() and "feature_std" in decoder.state_dict()
 
 
-def test_position_embeddings_tell_regions_with_the_same_features_apart():
+@pytest.mark.parametrize("positions,parameter", [("learned", "positions"), ("grid", "position_map.weight")])
+def test_positions_tell_regions_with_the_same_features_apart(positions, parameter):
     # Two images with one object in different places: without a position per region, a permutation of
     # the regions is invisible to the decoder (attention pools a set); with one, the captions' logits differ.
     torch.manual_seed(0)
     plain = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, **TINY))
-    placed = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, **TINY))
+    placed = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, positions=positions, **TINY))
     features = torch.randn(1, 9, 16)
     moved = features[:, torch.randperm(9, generator=torch.Generator().manual_seed(1))]
     tokens = random_tokens(1, 6, 12)
     with torch.no_grad():
         torch.testing.assert_close(plain(features, tokens)[0], plain(moved, tokens)[0])
         assert not torch.allclose(placed(features, tokens)[0], placed(moved, tokens)[0], atol=1e-4)
-    assert placed.state_dict()["positions"].shape == (9, 16) and "positions" not in plain.state_dict()
+    assert parameter in placed.state_dict() and parameter not in plain.state_dict()
     loss = placed(features, tokens)[0].square().mean()
     loss.backward()
-    assert placed.positions.grad is not None and placed.positions.grad.abs().sum() > 0
+    grad = dict(placed.named_parameters())[parameter].grad
+    assert grad is not None and grad.abs().sum() > 0
 
 
-def test_position_embeddings_refuse_features_with_another_number_of_regions():
-    decoder = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, **TINY))
+def test_grid_positions_are_a_linear_map_of_each_regions_place():
+    # Region i of a 3×3 grid lies at row i // 3, column i % 3 (encoders flatten H×W row by row): what the
+    # grid adds to a region is W·(x, y) + b, so regions of one column get the same x-part, and stepping one
+    # column right adds the same vector anywhere in the image.
+    decoder = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, positions="grid", **TINY))
+    added = decoder.position_map(decoder.coordinates).detach()  # (9, R)
+    grid = added.view(3, 3, -1)  # (row, column, R)
+    torch.testing.assert_close(grid[:, 1] - grid[:, 0], grid[:, 2] - grid[:, 1])  # a step right, every row
+    torch.testing.assert_close(grid[0, :, :] - grid[1, :, :], grid[1, :, :] - grid[2, :, :])  # a step down
+    torch.testing.assert_close(grid[0, 1] - grid[0, 0], grid[2, 1] - grid[2, 0])
+    assert "coordinates" not in decoder.state_dict()  # derived from num_regions, not saved
+    torch.testing.assert_close(decoder.coordinates[[0, 2, 6]], torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]]))
+
+
+def test_grid_positions_need_a_square_grid():
+    with pytest.raises(ValueError, match="square grid of regions, got 12"):
+        DecoderConfig(vocab_size=12, feature_dim=16, num_regions=12, positions="grid")
+    with pytest.raises(ValueError, match="positions must be one of grid, learned"):
+        DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, positions="sinusoid")
+
+
+@pytest.mark.parametrize("positions", ["learned", "grid"])
+def test_positions_refuse_features_with_another_number_of_regions(positions):
+    decoder = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, positions=positions, **TINY))
     with pytest.raises(ValueError, match="trained on 9 regions per image, these features have 16"):
         decoder.greedy(torch.randn(1, 16, 16), max_length=4)
 
 
 def test_checkpoint_configs_from_before_position_embeddings_still_load():
-    old = {k: v for k, v in DecoderConfig(vocab_size=12, feature_dim=16, **TINY).to_dict().items() if k != "num_regions"}
+    old = {k: v for k, v in DecoderConfig(vocab_size=12, feature_dim=16, **TINY).to_dict().items()
+           if k not in ("num_regions", "positions")}
     decoder = Decoder(DecoderConfig(**old))
     decoder.load_state_dict(tiny_decoder("gru").state_dict())  # strict: same tensors as before
-    assert decoder.positions is None
+    assert decoder.positions is None and decoder.position_map is None
+
+
+def test_checkpoint_configs_from_before_grid_positions_load_as_learned_embeddings():
+    learned = Decoder(DecoderConfig(vocab_size=12, feature_dim=16, num_regions=9, **TINY))
+    old = {k: v for k, v in learned.config.to_dict().items() if k != "positions"}  # a config saved before
+    decoder = Decoder(DecoderConfig(**old))
+    decoder.load_state_dict(learned.state_dict())  # strict
+    assert decoder.config.positions == "learned"
 
 
 # --- greedy and beam search --------------------------------------------------------------------------
