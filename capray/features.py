@@ -1,10 +1,10 @@
 """``capray prepare``: run the frozen encoder once over captioned images into a sharded feature dataset.
 
-Pipeline per split (Ray Data, streaming, so memory does not grow with the number of images):
-records → read + decode + resize (CPU tasks) → Encoder actors (GPU or CPU) → Parquet shards.
+One pipeline for all splits (Ray Data, streaming, so memory does not grow with the number of images):
+records → read + decode + resize (CPU tasks) → Encoder actors (GPU or CPU) → Parquet shards per split.
 An image that cannot be decoded is left out and listed with its error in ``prepare.json``.
-Records from shards (``capray.shards``) are read a shard per task: the task streams its shard once per
-split and decodes that split's samples.
+Records from shards (``capray.shards``) are read a shard per task: the task streams its shard once and
+decodes the samples the records name.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 ERRORS_DIR = "_errors"
 """Decode tasks leave one small JSONL per batch with failures here; merged into prepare.json."""
 PIXELS = "pixels"
+SPLIT = "split"
+"""The column that routes a row to ``OUT/<split>/``; the writer makes it the folder, the files never hold it."""
 DECODE_CPUS = 0.25
 """CPU share of a decode task: decoding a small image is light, and a share unlike the actors' keeps
 Ray Data from fusing decoding into the (GPU) actors, so decoding scales on CPU nodes."""
@@ -70,7 +73,7 @@ class Encoder:
         features = self.encoder(pixels).cpu().numpy()  # (B, P, E) fp16
         return batch.drop_columns([PIXELS]).append_column(
             FEATURES, pa.FixedShapeTensorArray.from_numpy_ndarray(features)).select(
-            [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS])
+            [IMAGE_ID, IMAGE, FEATURES, CAPTIONS, TOKENS, SPLIT])
 
 
 def read_config_records(config: dict) -> list[Record]:
@@ -205,9 +208,10 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
         storage.check_bucket(uri)
-    records = read_config_records(asdict(config))
+    every_record = read_config_records(asdict(config))
+    records = [r for r in every_record if r.split in config.splits]
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
-    train_captions = [c for r in records if r.split == "train" for c in r.captions]
+    train_captions = [c for r in every_record if r.split == "train" for c in r.captions]
     if not train_captions:
         raise ValueError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
                          "vocabulary from")
@@ -235,19 +239,15 @@ def prepare(config: PrepareConfig) -> dict:
     log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s",
              len(records), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), spec.name,
              spec.image_size, config.out, plan.describe())
-    splits, encode_seconds = {}, 0.0
+    encode_started = time.perf_counter()
+    _encode(records, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir)
+    encode_seconds = time.perf_counter() - encode_started
+    splits = {}
     for split, split_records in by_split.items():
-        if not split_records:
-            continue
-        split_started = time.perf_counter()
-        _encode_split(split_records, vocab, spec=spec, config=config, plan=plan,
-                      out=storage.join(config.out, split), errors_dir=errors_dir)
-        seconds = time.perf_counter() - split_started
-        encode_seconds += seconds
-        written = count_rows(storage.join(config.out, split))
-        splits[split] = {"images": written, "captions": sum(len(r.captions) for r in split_records),
-                         "seconds": round(seconds, 2)}
-        log.info("prepare: %s: %d images in %.1f s", split, written, seconds)
+        if split_records:
+            splits[split] = {"images": count_rows(storage.join(config.out, split)),
+                             "captions": sum(len(r.captions) for r in split_records)}
+    log.info("prepare: %s in %.1f s", ", ".join(f"{s} {v['images']}" for s, v in splits.items()), encode_seconds)
     errors = _collect_errors(errors_dir)
     total_written = sum(s["images"] for s in splits.values())
     if total_written + len(errors) != len(records):  # every image is a row or a listed error, nothing else
@@ -275,8 +275,10 @@ def prepare(config: PrepareConfig) -> dict:
     return summary
 
 
-def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, config: PrepareConfig,
-                  plan: ActorPlan, out: str, errors_dir: str) -> None:
+def _encode(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, config: PrepareConfig,
+            plan: ActorPlan, errors_dir: str) -> None:
+    """Every split in one pipeline, so the encoder actors start once: rows carry their split, and the
+    Parquet writer files each row under ``OUT/<split>/`` (the split is the folder, not a column)."""
     import ray
 
     table = pa.table({
@@ -285,6 +287,7 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
         CAPTIONS: pa.array([list(r.captions) for r in records], pa.list_(pa.string())),
         TOKENS: pa.array([[vocab.encode(c, max_length=config.max_caption_tokens) for c in r.captions]
                           for r in records], pa.list_(pa.list_(pa.int32()))),
+        SPLIT: pa.array([r.split for r in records], pa.string()),
     })
     blocks = _blocks(table, [shards.shard_of(r.image) for r in records], rows=BATCHES_PER_BLOCK * config.batch_size)
     num_blocks = len(blocks)
@@ -300,7 +303,12 @@ def _encode_split(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec
                                                        "threads": plan.threads},
                         compute=plan.strategy(), batch_size=config.batch_size, batch_format="pyarrow",
                         **plan.remote_args())
-    ds.write_parquet(out, min_rows_per_file=config.rows_per_file, filename_provider=_PartNames())
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates min_rows_per_file with partition_cols (support ends in a later Ray) in favour
+        # of a repartition by split: a shuffle of every feature row. Pinned Ray keeps the streaming write.
+        warnings.filterwarnings("ignore", message=".*min_rows_per_file.*partition_cols", category=DeprecationWarning)
+        ds.write_parquet(config.out, partition_cols=[SPLIT], partitioning_flavor=None,
+                         min_rows_per_file=config.rows_per_file, filename_provider=_PartNames())
 
 
 def count_rows(uri: str) -> int:
@@ -325,9 +333,9 @@ def load_prepare_info(features: str) -> dict:
 def print_summary(summary: dict) -> None:
     print(f"\nfeatures: {summary['out']}  ({summary['num_regions']} regions × {summary['num_features']} "
           f"channels, {summary['encoder']['name']} @ {summary['encoder']['image_size']} px)")
-    print(f"{'split':<8}{'images':>9}{'captions':>10}{'seconds':>9}")
+    print(f"{'split':<8}{'images':>9}{'captions':>10}")
     for split, s in summary["splits"].items():
-        print(f"{split:<8}{s['images']:>9}{s['captions']:>10}{s['seconds']:>9.1f}")
+        print(f"{split:<8}{s['images']:>9}{s['captions']:>10}")
     print(f"skipped (undecodable): {summary['num_errors']}; {summary['images_per_s']:.1f} images/s; "
           f"{summary['seconds']:.1f} s in all")
     for error in summary["errors"][:5]:
