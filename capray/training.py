@@ -31,6 +31,8 @@ METRICS_LOG = "metrics.jsonl"
 """``OUT/NAME/metrics.jsonl``: one line of metrics per epoch, written by rank 0 as the run goes."""
 CURVES_FILE = "curves.png"
 ATTENTION_DIR = "attention"
+TENSORBOARD_DIR = "tensorboard"
+"""``OUT/NAME/tensorboard/``: TensorBoard event files of the run's epochs (``tensorboard --logdir``)."""
 
 
 def train_worker(loop_config: dict) -> None:
@@ -75,6 +77,7 @@ def train_worker(loop_config: dict) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     total_steps = loop_config["steps_per_epoch"] * config.epochs
     encoder_state = read_state(loop_config["encoder_state_uri"]) if rank == 0 else None
+    events = EventLog(storage.join(loop_config["run_dir"], TENSORBOARD_DIR)) if rank == 0 else None
     held: dict[str, Examples] = {}  # the worker's shares in memory, when they fit (loop_config["hold"])
     for epoch in range(epoch, config.epochs):
         epoch_started = time.perf_counter()
@@ -113,6 +116,7 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             log.info("%s", epoch_line(metrics, config.epochs))  # on the console with --verbose
             append_metrics(loop_config["metrics_uri"], metrics)
+            events.add(metrics)
         if rank == 0 and validate:  # checkpoints are ranked by val BLEU-4: one per validated epoch
             with tempfile.TemporaryDirectory() as directory:
                 write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
@@ -172,6 +176,40 @@ class _EpochLines:
                     self.printed = metrics["epoch"]
             if stopping:
                 return
+
+
+class EventLog:
+    """A run's epochs as TensorBoard scalars, written by rank 0 with tensorboardX.
+
+    Events go to a local file synchronously (tensorboardX's ``SummaryWriter`` queues them for a
+    background thread, and its ``flush`` does not wait for the queue); after each epoch the file is
+    copied whole into ``uri`` (S3 cannot append; the file holds ~300 bytes per epoch). A worker group
+    restarted after a failure starts a file of its own, and TensorBoard reads every file of the folder.
+    """
+
+    SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "bleu4/val": "val_bleu4", "lr": "lr",
+               "images_per_s/train": "train_images_per_s"}
+    """TensorBoard tag → metrics key."""
+
+    def __init__(self, uri: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.uri, local = uri, tempfile.mkdtemp(prefix="capray-events-")
+        self.writer = EventsWriter(os.path.join(local, "events"))  # events.out.tfevents.<time>.<host>
+        (name,) = os.listdir(local)  # the one file it just opened
+        self.path = os.path.join(local, name)
+
+    def add(self, metrics: dict) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for tag, key in self.SCALARS.items():
+            if key != "val_bleu4" or metrics[key] >= 0:  # -1: not validated this epoch
+                self.writer.write_event(Event(wall_time=time.time(), step=metrics["epoch"] + 1,
+                                              summary=scalar(tag, metrics[key])))
+        self.writer.flush()
+        with open(self.path, "rb") as f:
+            storage.write_bytes(storage.join(self.uri, os.path.basename(self.path)), f.read())
 
 
 def append_metrics(uri: str, metrics: dict) -> None:
@@ -301,6 +339,7 @@ def train(config: TrainConfig) -> dict:
     loop_config = {
         "hold": share_bytes <= config.in_memory_gb * 2**30,
         "metrics_uri": storage.join(run_dir, METRICS_LOG),
+        "run_dir": run_dir,
         "train": asdict(config),
         "vocab": vocab.words,
         "decoder": decoder_config.to_dict(),

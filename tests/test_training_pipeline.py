@@ -22,7 +22,8 @@ from capray.features import PrepareConfig, prepare
 from capray.formats import FEATURES, METRICS_FILE, PREPARE_FILE, RESULTS_FILE, TRAIN_STATE_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.synth import SynthConfig, generate
-from capray.training import ATTENTION_DIR, CURVES_FILE, TrainConfig, existing_checkpoints, read_metrics, train
+from capray.training import (ATTENTION_DIR, CURVES_FILE, TENSORBOARD_DIR, EventLog, TrainConfig, existing_checkpoints,
+                             read_metrics, train)
 from killers import KillInBackground
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as RAY_TRAIN_SNAPSHOT
 
@@ -175,11 +176,40 @@ def test_a_run_can_be_watched_metrics_curves_and_attention_maps(pipeline, faulte
     assert all(e["train_loss"] > 0 and e["val_loss"] > 0 and e["seconds"] > 0 for e in epochs)
     assert all(0 <= e["val_bleu4"] <= 1 for e in epochs)  # val_every=1: every epoch decoded
     assert Image.open(io.BytesIO(storage.read_bytes(f"{run_dir}/{CURVES_FILE}"))).size[0] > 300
+    scalars = _tensorboard_scalars(f"{run_dir}/{TENSORBOARD_DIR}")  # a file per worker group: the killed one's too
+    assert {tag for tag, _, _ in scalars} == set(EventLog.SCALARS)
+    last = {(tag, step): value for tag, step, value in scalars}  # the redone epochs' values are the later ones
+    for e in epochs:
+        assert last[("loss/train", e["epoch"] + 1)] == pytest.approx(e["train_loss"], rel=1e-6)
+        assert last[("bleu4/val", e["epoch"] + 1)] == pytest.approx(e["val_bleu4"], rel=1e-6)
     plots = sorted(storage.list_files(f"{run_dir}/{ATTENTION_DIR}", extensions=("png",)))
     assert len(plots) == config.attention_images == 3
     first_val = [r["image"] for r in sorted(_val_rows(pipeline), key=lambda r: r["image_id"])[:3]]
     assert [storage.basename(p) for p in plots] == sorted(
         storage.basename(i).rsplit(".", 1)[0] + ".png" for i in first_val)
+
+
+def _tensorboard_scalars(uri: str) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the event files under ``uri``, files in name (time) order.
+
+    An event file is TFRecords (length u64, its CRC, an Event protobuf, its CRC), read here with
+    tensorboardX's own Event message rather than TensorBoard itself.
+    """
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    files = sorted(storage.list_files(uri))
+    assert files and all(storage.basename(f).startswith("events.out.tfevents.") for f in files), files
+    for name in files:
+        data, offset = storage.read_bytes(name), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
 
 
 def _val_rows(pipeline) -> list[dict]:
