@@ -151,7 +151,7 @@ def _other_args(command: str, option: cli.Option) -> list[str]:
                 "0.7" if other == "--train-fraction" else "0.2"]
     special = {"--splits": "train", "--extensions": "png", "--decoder": "lstm", "--split": "val", "--format": "parquet", "--val-fraction": "0.1",
                "--encoder.weights": "none", "--test-fraction": "0.2", "--dropout": "0.5", "--name": "other",
-               "--label-smoothing": "0.1",
+               "--label-smoothing": "0.1", "--positions": "learned",
                "--encoder.name": "resnet18"}
     if option.kind is bool:  # --x, or --no-x where the default is on
         return ["--no-" + option.flag[2:] if option.default else option.flag]

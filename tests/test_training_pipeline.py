@@ -62,8 +62,16 @@ def test_prepare_writes_shards_vocab_and_lists_the_corrupt_image(pipeline):
     assert (summary["num_regions"], summary["num_features"]) == (16, 112)
     import pyarrow.dataset as pads
 
+    # One pipeline encodes every split; each row lands in its own split's folder, which holds no split column.
+    split_of = {json.loads(line)["image"]: json.loads(line)["split"]
+                for line in storage.read_text(pipeline["manifest"]).splitlines()}
+    for split in ("train", "val", "test"):
+        fs, path = storage.resolve(f"{pipeline['features']}/{split}")
+        rows = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image"])
+        assert {split_of[uri.split("/shapes/", 1)[1]] for uri in rows["image"].to_pylist()} == {split}
     fs, path = storage.resolve(f"{pipeline['features']}/val")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert "split" not in table.schema.names
     assert table.schema.field(FEATURES).type.value_type == "halffloat"
     assert table[FEATURES].combine_chunks().to_numpy_ndarray().shape[1:] == (16, 112)
     assert len(set(table["image_id"].to_pylist())) == table.num_rows  # one row per image
