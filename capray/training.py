@@ -9,9 +9,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import asdict
 
 import numpy as np
@@ -79,55 +81,60 @@ def train_worker(loop_config: dict) -> None:
     encoder_state = read_state(loop_config["encoder_state_uri"]) if rank == 0 else None
     events = EventLog(storage.join(loop_config["run_dir"], TENSORBOARD_DIR)) if rank == 0 else None
     held: dict[str, Examples] = {}  # the worker's shares in memory, when they fit (loop_config["hold"])
-    for epoch in range(epoch, config.epochs):
-        epoch_started = time.perf_counter()
-        if loop_config["hold"] and not held:  # read once; later epochs index tensors
-            held = {name: Examples.from_batches(shard.iter_batches(batch_size=1024, batch_format="numpy"))
-                    for name, shard in (("train", train_shard), ("val", val_shard))}
-        seed = int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
-        if held:
-            batches = held["train"].batches(config.batch_size, device=device, seed=seed,
-                                            captions_per_image=config.captions_per_image)
-            val_batches = held["val"].batches(config.batch_size, device=device)
-        else:
-            rng = np.random.default_rng(seed)
-            batches = (collate(raw, device, captions_per_image=config.captions_per_image, rng=rng)
-                       for raw in train_shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                                           local_shuffle_buffer_size=4 * config.batch_size,
-                                                           local_shuffle_seed=seed))
-            val_batches = (collate(raw, device) for raw in val_shard.iter_batches(batch_size=config.batch_size,
-                                                                                 batch_format="numpy"))
-        train_metrics, step = train_epoch(model, optimizer, batches, config=config, device=device, scaler=scaler,
-                                          step=step, total_steps=total_steps)
-        validate = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
-        val = evaluate_batches(decoder, val_batches, vocab, max_length=config.max_length,
-                               max_images=max(1, config.val_images // world) if validate else 0)
-        gathered = _gather(val, world)
-        val_loss = sum(v["ce_sum"] for v in gathered) / max(1, sum(v["tokens"] for v in gathered))
-        hyps = [h for v in gathered for h in v["hypotheses"]]
-        refs = [r for v in gathered for r in v["references"]]
-        val_bleu4 = bleu4(hyps, refs) if validate else float("nan")
-        best = max(best, val_bleu4) if validate else best
-        metrics = {"epoch": epoch, "step": step, "train_loss": train_metrics["train_loss"], "val_loss": val_loss,
-                   "val_bleu4": val_bleu4 if validate else -1.0, "best_val_bleu4": best,
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - epoch_started, 3),
-                   "train_images_per_s": train_metrics["train_images"] * world / max(train_metrics["train_seconds"], 1e-9),
-                   "resumed_from_epoch": resumed_from, "example": hyps[0] if hyps else ""}
-        if rank == 0:
-            log.info("%s", epoch_line(metrics, config.epochs))  # on the console with --verbose
-            append_metrics(loop_config["metrics_uri"], metrics)
-            events.add(metrics)
-        if rank == 0 and validate:  # checkpoints are ranked by val BLEU-4: one per validated epoch
-            with tempfile.TemporaryDirectory() as directory:
-                write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
-                                                              decoder_state=decoder.state_dict()),
-                                 config=loop_config["checkpoint_config"], vocab=vocab, train_state=metrics,
-                                 optimizer_state={"optimizer": optimizer.state_dict(),
-                                                  **({"scaler": scaler.state_dict()} if scaler else {})})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+    try:
+        for epoch in range(epoch, config.epochs):
+            epoch_started = time.perf_counter()
+            if loop_config["hold"] and not held:  # read once; later epochs index tensors
+                held = {name: Examples.from_batches(shard.iter_batches(batch_size=1024, batch_format="numpy"))
+                        for name, shard in (("train", train_shard), ("val", val_shard))}
+            seed = int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0])
+            if held:
+                batches = held["train"].batches(config.batch_size, device=device, seed=seed,
+                                                captions_per_image=config.captions_per_image)
+                val_batches = held["val"].batches(config.batch_size, device=device)
+            else:
+                rng = np.random.default_rng(seed)
+                batches = (collate(raw, device, captions_per_image=config.captions_per_image, rng=rng)
+                           for raw in train_shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                                               local_shuffle_buffer_size=4 * config.batch_size,
+                                                               local_shuffle_seed=seed))
+                val_batches = (collate(raw, device) for raw in val_shard.iter_batches(batch_size=config.batch_size,
+                                                                                     batch_format="numpy"))
+            train_metrics, step = train_epoch(model, optimizer, batches, config=config, device=device, scaler=scaler,
+                                              step=step, total_steps=total_steps)
+            validate = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
+            val = evaluate_batches(decoder, val_batches, vocab, max_length=config.max_length,
+                                   max_images=max(1, config.val_images // world) if validate else 0)
+            gathered = _gather(val, world)
+            val_loss = sum(v["ce_sum"] for v in gathered) / max(1, sum(v["tokens"] for v in gathered))
+            hyps = [h for v in gathered for h in v["hypotheses"]]
+            refs = [r for v in gathered for r in v["references"]]
+            val_bleu4 = bleu4(hyps, refs) if validate else float("nan")
+            best = max(best, val_bleu4) if validate else best
+            images_per_s = train_metrics["train_images"] * world / max(train_metrics["train_seconds"], 1e-9)
+            metrics = {"epoch": epoch, "step": step, "train_loss": train_metrics["train_loss"], "val_loss": val_loss,
+                       "val_bleu4": val_bleu4 if validate else -1.0, "best_val_bleu4": best,
+                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - epoch_started, 3),
+                       "train_images_per_s": images_per_s,
+                       "resumed_from_epoch": resumed_from, "example": hyps[0] if hyps else ""}
+            if rank == 0:
+                log.info("%s", epoch_line(metrics, config.epochs))  # on the console with --verbose
+                append_metrics(loop_config["metrics_uri"], metrics)
+                events.add(metrics)
+            if rank == 0 and validate:  # checkpoints are ranked by val BLEU-4: one per validated epoch
+                with tempfile.TemporaryDirectory() as directory:
+                    write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
+                                                                  decoder_state=decoder.state_dict()),
+                                     config=loop_config["checkpoint_config"], vocab=vocab, train_state=metrics,
+                                     optimizer_state={"optimizer": optimizer.state_dict(),
+                                                      **({"scaler": scaler.state_dict()} if scaler else {})})
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            else:
+                ray.train.report(metrics, checkpoint=None)
 
+    finally:
+        if events is not None:
+            events.close()
 
 def epoch_line(metrics: dict, epochs: int) -> str:
     bleu = f"val BLEU-4 {metrics['val_bleu4']:.3f}" if metrics["val_bleu4"] >= 0 else "val BLEU-4   -  "
@@ -198,6 +205,8 @@ class EventLog:
         self.writer = EventsWriter(os.path.join(local, "events"))  # events.out.tfevents.<time>.<host>
         (name,) = os.listdir(local)  # the one file it just opened
         self.path = os.path.join(local, name)
+        # The local copy goes when the log closes, or when the process exits without closing it.
+        self._remove = weakref.finalize(self, shutil.rmtree, local, ignore_errors=True)
 
     def add(self, metrics: dict) -> None:
         from tensorboardX.proto.event_pb2 import Event
@@ -210,6 +219,11 @@ class EventLog:
         self.writer.flush()
         with open(self.path, "rb") as f:
             storage.write_bytes(storage.join(self.uri, os.path.basename(self.path)), f.read())
+
+    def close(self) -> None:
+        """Close the file and remove its local folder; every epoch added is already in ``uri``."""
+        self.writer.close()
+        self._remove()
 
 
 def append_metrics(uri: str, metrics: dict) -> None:

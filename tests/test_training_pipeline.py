@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -265,3 +266,18 @@ def _untrained_bleu4(pipeline, trained_uri: str) -> float:
                      config=trained.config, vocab=trained.vocab, train_state={"epoch": -1})
     out = f"{pipeline['root']}/eval-untrained"
     return evaluate(EvaluateConfig(checkpoint=directory, features=pipeline["features"], out=out))["bleu4"]
+
+
+def test_event_log_leaves_no_local_folder_behind(tmp_path):
+    """The writer's local copy is removed on close; every epoch added is already in the run's folder."""
+    events = EventLog(str(tmp_path / "run" / TENSORBOARD_DIR))
+    local = os.path.dirname(events.path)
+    for epoch in range(2):
+        events.add({"epoch": epoch, "train_loss": 2.0 - epoch, "val_loss": 2.5, "val_bleu4": -1.0 if epoch == 0 else 0.5,
+                    "lr": 1e-3, "train_images_per_s": 100.0})
+    assert os.path.isdir(local)
+    events.close()
+    assert not os.path.exists(local)
+    scalars = _tensorboard_scalars(str(tmp_path / "run" / TENSORBOARD_DIR))
+    assert [(tag, step) for tag, step, _ in scalars if tag == "loss/train"] == [("loss/train", 1), ("loss/train", 2)]
+    assert [(step, value) for tag, step, value in scalars if tag == "bleu4/val"] == [(2, 0.5)]
