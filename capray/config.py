@@ -293,6 +293,10 @@ class TrainConfig:
     in_memory_gb: float = 4.0
     """A worker holds its share of the train and val features in memory after reading it once when the
     share is at most this many GiB, so later epochs skip Ray Data; a larger share is streamed every epoch."""
+    driver_read_mb: float = 256.0
+    """Train and val features of at most this many MiB in all are read by the job's own process with
+    pyarrow and handed to Ray as blocks in its object store: a Ray Data read job takes 5–15 s to start,
+    longer than such a read. Larger feature sets (and 0) are read by Ray Data tasks across the cluster."""
     attention_images: int = 3
     """Val images whose attention maps are plotted into ``OUT/NAME/attention/`` when training ends."""
     stats_images: int = 2000
@@ -314,7 +318,7 @@ class TrainConfig:
         _set(self, "out", storage.normalize(self.out))
         _not_negative(self, "gpus_per_worker", "cpus_per_worker", "wait_timeout", "captions_per_image",
                       "max_failures", "weight_decay", "dropout", "attention_weight", "label_smoothing",
-                      "in_memory_gb", "attention_images")
+                      "in_memory_gb", "driver_read_mb", "attention_images")
         _at_least_one(self, "workers", "epochs", "batch_size", "max_length", "val_images", "stats_images", "val_every",
                       "keep_checkpoints", "embed_dim", "hidden_dim", "projection_dim", "attention_dim")
         if self.learning_rate <= 0 or self.grad_clip <= 0:

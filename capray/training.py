@@ -348,7 +348,7 @@ def train(config: TrainConfig) -> dict:
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
     train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
     share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
-    train_ds, val_ds = _read_features(config, info)
+    train_ds, val_ds = read_features(config, info)
     mean, std = feature_statistics(storage.join(config.features, "train"), max_images=config.stats_images)
     loop_config = {
         "hold": share_bytes <= config.in_memory_gb * 2**30,
@@ -440,22 +440,27 @@ def write_run_plots(run_dir: str, *, features: str, images: int) -> None:
 READ_ATTEMPTS = 3
 """Tries at reading the feature dataset in the driver: a node lost mid-read (a spot node taken back, an
 autoscaler scaling an idle node down as a reader lands on it) kills Ray Data's readers with it."""
+DRIVER_BLOCK_ROWS = 512
+"""Rows per block of a split read by the driver (``TrainConfig.driver_read_mb``)."""
 
 
-def _read_features(config: TrainConfig, info: dict):
+def read_features(config: TrainConfig, info: dict):
     """The train and val datasets, read into Ray's object store now when they fit there.
 
     Read before the workers start, the data is in the object store whether or not the workers leave
     a CPU free for Ray Data's read tasks (with every CPU held by a worker, a lazy read would wait
-    forever); streamed epochs then skip re-reading the Parquet files.
+    forever); streamed epochs then skip re-reading the Parquet files. Small feature sets
+    (``--driver-read-mb``) are read by this process itself, without a Ray Data job.
     """
     import ray.data
     from ray.exceptions import RayError
 
+    splits = [storage.join(config.features, split) for split in ("train", "val")]
+    if 0 < _stored_bytes(info, "train", "val") <= config.driver_read_mb * 2**20:
+        return tuple(_read_in_driver(uri) for uri in splits)
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            train_ds = ray.data.read_parquet(storage.join(config.features, "train"))
-            val_ds = ray.data.read_parquet(storage.join(config.features, "val"))
+            train_ds, val_ds = (ray.data.read_parquet(uri) for uri in splits)
             if _fits_in_object_store(info):
                 train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
             return train_ds, val_ds
@@ -466,6 +471,22 @@ def _read_features(config: TrainConfig, info: dict):
                         " ".join(str(exc).split())[:200], attempt + 1, READ_ATTEMPTS)
 
 
+def _read_in_driver(uri: str):
+    """A small split read here with pyarrow, into Ray's object store as blocks of ``DRIVER_BLOCK_ROWS``
+    (several blocks, so the workers' shares split evenly); no Ray task runs."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    fs, path = storage.resolve(uri)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    return ray.data.from_arrow([table.slice(start, DRIVER_BLOCK_ROWS)
+                                for start in range(0, max(table.num_rows, 1), DRIVER_BLOCK_ROWS)])
+
+
+def _stored_bytes(info: dict, *splits: str) -> int:
+    return sum(info["splits"][split]["images"] for split in splits) * _row_bytes(info)
+
+
 def _row_bytes(info: dict) -> int:
     return 2 * info["num_regions"] * info["num_features"] + 512  # fp16 features + captions
 
@@ -473,8 +494,7 @@ def _row_bytes(info: dict) -> int:
 def _fits_in_object_store(info: dict, *, fraction: float = 0.25) -> bool:
     import ray
 
-    images = info["splits"]["train"]["images"] + info["splits"]["val"]["images"]
-    return images * _row_bytes(info) < fraction * ray.available_resources().get("object_store_memory", 0)
+    return _stored_bytes(info, "train", "val") < fraction * ray.available_resources().get("object_store_memory", 0)
 
 
 def _storage_path(out: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from capray.formats import FEATURES, METRICS_FILE, PREPARE_FILE, RESULTS_FILE, T
 from capray.model import Decoder, DecoderConfig
 from capray.synth import SynthConfig, generate
 from capray.training import (ATTENTION_DIR, CURVES_FILE, TENSORBOARD_DIR, EventLog, TrainConfig, existing_checkpoints,
-                             read_metrics, train)
+                             read_features, read_metrics, train)
 from killers import KillInBackground
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as RAY_TRAIN_SNAPSHOT
 
@@ -157,8 +158,8 @@ def test_caption_writes_the_captions_evaluate_scores(pipeline, faulted_run, tmp_
 
 
 def test_workers_that_hold_every_cpu_still_get_their_data(pipeline, tmp_path):
-    """Two workers × 1 CPU take the whole 2-CPU local Ray: the features must be read before they start
-    (a lazy read would wait forever for a CPU). Its own process, so a hang is a timeout, not a stuck suite."""
+    """Two workers × 1 CPU take the whole 2-CPU local Ray: features read by Ray Data must be read before
+    they start (a lazy read would wait forever for a CPU). Its own process, so a hang is a timeout, not a stuck suite."""
     import os
     import subprocess
     import sys
@@ -166,6 +167,7 @@ def test_workers_that_hold_every_cpu_still_get_their_data(pipeline, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = ["train", "--features", pipeline["features"], "--out", str(tmp_path), "--name", "full", "--workers", "2",
             "--cpus-per-worker", "1", "--epochs", "1", "--val-images", "8", "--attention-images", "0",
+            "--driver-read-mb", "0",  # read by Ray Data's tasks, as a feature set too large for the driver is
             *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL_DECODER.items() if k != "val_images"]]
     try:
         result = subprocess.run([sys.executable, "-m", "capray.cli", *args], env=env, capture_output=True, text=True,
@@ -174,6 +176,21 @@ def test_workers_that_hold_every_cpu_still_get_their_data(pipeline, tmp_path):
         pytest.fail("capray train with every CPU held by a worker did not finish in 300 s")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [e["epoch"] for e in read_metrics(str(tmp_path / "full"))] == [0]
+
+
+def test_small_features_read_by_the_driver_are_the_rows_ray_data_reads(pipeline, tmp_path):
+    """Below --driver-read-mb the driver reads the splits itself (no Ray Data job); the rows are the same."""
+    from capray.features import load_prepare_info
+
+    info = load_prepare_info(pipeline["features"])
+    config = TrainConfig(features=pipeline["features"], out=str(tmp_path))
+    by_driver, by_ray_data = (read_features(replace(config, driver_read_mb=mb), info) for mb in (256.0, 0.0))
+    for split, driver, ray_data in zip(("train", "val"), by_driver, by_ray_data):
+        rows, expected = ({r["image_id"]: r for r in ds.take_all()} for ds in (driver, ray_data))
+        assert len(rows) == info["splits"][split]["images"] > 0 and rows.keys() == expected.keys()
+        for image_id, row in rows.items():
+            assert np.array_equal(row[FEATURES], expected[image_id][FEATURES])
+            assert [list(t) for t in row["tokens"]] == [list(t) for t in expected[image_id]["tokens"]]
 
 
 def test_a_run_can_be_watched_metrics_curves_and_attention_maps(pipeline, faulted_run):
