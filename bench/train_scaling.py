@@ -9,6 +9,9 @@ images per step, 2 captions drawn per image, 2 CPU threads in all:
 - plain: one process, 2 torch threads, no Ray, no validation; written here in plain PyTorch (its own
   batching), so it measures what capray costs on top of the model's own arithmetic; run twice, with
   the model's packed teacher forcing and with the padded loop it replaced (what packing bought);
+- plain, 1 thread; two of those at once in two processes, independent (the most two processes get
+  from this machine: the ceiling of two_vs_one) and as one plain DDP group over gloo without Ray (what
+  the gradient all-reduce costs before Ray adds anything);
 - capray, 1 worker × 1 thread and 2 workers × 1 thread (DDP over gloo);
 - capray, 2 workers, features streamed from Ray Data every epoch (``--in-memory-gb 0``): what holding
   a worker's share in memory buys.
@@ -56,10 +59,12 @@ def padded_forward(model: Decoder, features: torch.Tensor, tokens: torch.Tensor,
     return torch.stack(logits, dim=1), None
 
 
-def plain_loop(features_uri: str, *, epochs: int, packed: bool = True) -> float:
-    """Images/s of a hand-written single-process loop (median epoch after the first); ``packed=False``
-    runs the padded teacher forcing instead of the model's own (packed) forward."""
-    torch.set_num_threads(THREADS)
+def plain_loop(features_uri: str, *, epochs: int, packed: bool = True, threads: int = THREADS, rank: int = 0,
+               world: int = 1, port: int = 0) -> float:
+    """Images/s of a hand-written loop (median epoch after the first); ``packed=False`` runs the padded
+    teacher forcing instead of the model's own (packed) forward. ``world`` > 1: this is process ``rank``
+    of a plain DDP group over gloo (no Ray), training on every ``world``-th image."""
+    torch.set_num_threads(threads)
     table = pads.dataset(os.path.join(features_uri, "train"), format="parquet").to_table()
     features = torch.from_numpy(table["features"].combine_chunks().to_numpy_ndarray().copy())  # (N, P, E) fp16
     captions = table["tokens"].to_pylist()
@@ -75,15 +80,20 @@ def plain_loop(features_uri: str, *, epochs: int, packed: bool = True) -> float:
     model = Decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=features.size(2), start_id=vocab.start_id,
                                   end_id=vocab.end_id, num_regions=features.size(1), positions="grid", **DECODER))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     rates = []
     for _ in range(epochs):
-        started, order = time.perf_counter(), torch.randperm(len(captions))
+        started, order = time.perf_counter(), torch.randperm(len(captions))[rank::world]
         for start in range(0, len(order), BATCH):
             index = order[start: start + BATCH]
             pick = (torch.rand(len(index), most) * counts[index].unsqueeze(1)).long()[:, :CAPTIONS_PER_IMAGE]
             rows = tokens[index.unsqueeze(1), pick].flatten(0, 1)  # (B·k, T)
             image_index = torch.arange(len(index)).repeat_interleave(pick.size(1))
-            forward = model if packed else functools.partial(padded_forward, model)
+            forward = model if packed else functools.partial(padded_forward, model.module if world > 1 else model)
             logits, _ = forward(features[index], rows, image_index)
             targets = rows[:, 1:]
             loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=0)
@@ -92,7 +102,25 @@ def plain_loop(features_uri: str, *, epochs: int, packed: bool = True) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
         rates.append(len(order) / (time.perf_counter() - started))
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return statistics.median(rates[1:])
+
+
+def side_by_side(features_uri: str, *, epochs: int, ddp: bool) -> float:
+    """Images/s of two 1-thread plain loops run at once in two processes, summed: independent loops
+    (``ddp=False``: what this machine gives two processes at all) or one plain DDP group (gloo, no Ray)."""
+    import multiprocessing
+    import socket
+    from concurrent.futures import ProcessPoolExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [pool.submit(plain_loop, features_uri, epochs=epochs, threads=1, rank=rank,
+                            world=2 if ddp else 1, port=port) for rank in range(2)]
+        return sum(run.result() for run in runs)
 
 
 def capray_run(features: str, out: str, *, workers: int, epochs: int, in_memory_gb: float = 4.0) -> dict:
@@ -122,6 +150,9 @@ def main() -> None:
                                   encoder=demo_encoder(demo_preset())))
         plain = plain_loop(features, epochs=args.epochs)
         padded = plain_loop(features, epochs=args.epochs, packed=False)
+        alone = plain_loop(features, epochs=args.epochs, threads=1)
+        independent = side_by_side(features, epochs=args.epochs, ddp=False)
+        plain_ddp = side_by_side(features, epochs=args.epochs, ddp=True)
         ensure_ray(dashboard=True)
         runs = os.path.join(tmp, "runs")
         one = capray_run(features, runs, workers=1, epochs=args.epochs)
@@ -131,8 +162,13 @@ def main() -> None:
                "packed_vs_padded": round(plain / padded, 3), "one_worker_samples_per_s": round(one["samples_per_s"], 1),
                "two_workers_samples_per_s": round(two["samples_per_s"], 1),
                "two_workers_streamed_samples_per_s": round(streamed["samples_per_s"], 1),
+               "plain_one_thread_samples_per_s": round(alone, 1),
+               "plain_two_independent_samples_per_s": round(independent, 1),
+               "plain_ddp_samples_per_s": round(plain_ddp, 1),
                "ray_vs_plain": round(two["samples_per_s"] / plain, 3),
                "two_vs_one": round(two["samples_per_s"] / one["samples_per_s"], 3),
+               "machine_two_vs_one": round(independent / alone, 3),
+               "plain_ddp_two_vs_one": round(plain_ddp / alone, 3),
                "epoch_seconds": {"one_worker": one["epoch_seconds"], "two_workers": two["epoch_seconds"],
                                  "two_workers_streamed": streamed["epoch_seconds"]}}
     print(f"\ntraining throughput: demo decoder, batch {BATCH}, {CAPTIONS_PER_IMAGE} captions/image, "
@@ -140,11 +176,16 @@ def main() -> None:
     print(f"{'run':<44}{'samples/s':>11}{'epoch s':>9}")
     print(f"{'plain PyTorch loop, 1 process × 2 threads':<44}{plain:>11.1f}{'-':>9}")
     print(f"{'  the same, padded teacher forcing':<44}{padded:>11.1f}{'-':>9}")
+    print(f"{'plain loop, 1 process × 1 thread':<44}{alone:>11.1f}{'-':>9}")
+    print(f"{'  2 of them at once, independent (sum)':<44}{independent:>11.1f}{'-':>9}")
+    print(f"{'  2 at once as plain DDP, gloo, no Ray':<44}{plain_ddp:>11.1f}{'-':>9}")
     for label, run in (("capray, 1 worker × 1 thread", one), ("capray, 2 workers × 1 thread", two),
                        ("capray, 2 workers, streamed every epoch", streamed)):
         print(f"{label:<44}{run['samples_per_s']:>11.1f}{run['epoch_seconds']:>9.2f}")
     print(f"ray_vs_plain (2 workers / plain): {results['ray_vs_plain']:.2f}   (target >= 0.90)")
     print(f"two_vs_one   (2 workers / 1):     {results['two_vs_one']:.2f}   (target >= 1.70)")
+    print(f"  what this machine allows: 2 independent 1-thread loops give x{results['machine_two_vs_one']:.2f} "
+          f"one alone; 2 in plain DDP x{results['plain_ddp_two_vs_one']:.2f}")
     print(f"what each removal bought: packed teacher forcing x{results['packed_vs_padded']:.2f} (plain loop); "
           f"holding the shares in memory x{two['samples_per_s'] / streamed['samples_per_s']:.2f} (2 workers)")
     if args.json:
