@@ -81,7 +81,7 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
 
     t = stage(f"3/6 train: {preset.workers} Ray Train workers, {preset.epochs} epochs")
     trained = train(TrainConfig(features=paths["features"], out=paths["runs"], name="demo", workers=preset.workers,
-                                epochs=preset.epochs, batch_size=32, learning_rate=6e-3, embed_dim=128,
+                                epochs=preset.epochs, batch_size=32, learning_rate=1e-2, embed_dim=128,
                                 hidden_dim=256, projection_dim=128, attention_dim=128, attention_weight=0.01,
                                 captions_per_image=2, val_images=250, val_every=5, seed=preset.seed))
     times["train"] = time.perf_counter() - t
