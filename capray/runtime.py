@@ -61,6 +61,20 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+    dataset_log = logging.getLogger("ray.data.dataset")
+    if _no_free_cpu_warning not in dataset_log.filters:
+        dataset_log.addFilter(_no_free_cpu_warning)
+
+
+def _no_free_cpu_warning(record: logging.LogRecord) -> bool:
+    """False for Ray Data's "the cluster does not have any available CPUs ... will hang" warning.
+
+    Ray Data gives it when an execution starts while ``ray.available_resources()`` shows no free CPU,
+    a view that lags: locally it fires while capray's own actors start, though their shares always
+    leave CPU for tasks. On a cluster the jobs wait for what they need with a line of their own
+    (``wait_for_resources``) before any execution starts.
+    """
+    return "does not have any available CPUs" not in record.getMessage()
 
 
 def map_with_retries(ds, fn, *, max_retries: int, retry_exceptions: list[type[BaseException]], **kwargs):

@@ -97,3 +97,26 @@ def test_waiting_for_what_is_there_returns_at_once_and_frees_it(ray_local):
     while ray.available_resources().get("CPU", 0) < before and time.monotonic() < deadline:
         time.sleep(0.1)  # the placement group's removal is asynchronous
     assert ray.available_resources().get("CPU", 0) == before
+
+
+def test_ray_datas_lagging_no_free_cpu_warning_stays_off_the_console_and_other_warnings_do_not(monkeypatch):
+    import logging
+
+    from capray.runtime import VERBOSE_ENV, quiet_ray_data
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    quiet_ray_data()
+    quiet_ray_data()  # twice: one filter, not two
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    dataset_log = logging.getLogger("ray.data.dataset")
+    dataset_log.addHandler(handler)
+    try:
+        dataset_log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job "
+                            "will hang unless more CPUs are freed up.")
+        dataset_log.warning("a block could not be read")
+    finally:
+        dataset_log.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["a block could not be read"]
+    assert [getattr(f, "__name__", "") for f in dataset_log.filters].count("_no_free_cpu_warning") == 1
