@@ -131,10 +131,10 @@ def train_worker(loop_config: dict) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
             else:
                 ray.train.report(metrics, checkpoint=None)
-
     finally:
         if events is not None:
             events.close()
+
 
 def epoch_line(metrics: dict, epochs: int) -> str:
     bleu = f"val BLEU-4 {metrics['val_bleu4']:.3f}" if metrics["val_bleu4"] >= 0 else "val BLEU-4   -  "
@@ -346,8 +346,8 @@ def train(config: TrainConfig) -> dict:
                          f"machine has {machine.gpus:g} GPUs")
     if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
-    train_images, val_images = info["splits"]["train"]["images"], info["splits"]["val"]["images"]
-    share_bytes = (train_images + val_images) / config.workers * _row_bytes(info)
+    train_images = info["splits"]["train"]["images"]
+    share_bytes = _stored_bytes(info, "train", "val") / config.workers
     train_ds, val_ds = read_features(config, info)
     mean, std = feature_statistics(storage.join(config.features, "train"), max_images=config.stats_images)
     loop_config = {
