@@ -40,7 +40,7 @@ from capray.features import prepare
 from capray.model import Decoder, DecoderConfig
 from capray.runtime import ensure_ray
 from capray.synth import generate
-from capray.training import read_metrics, train
+from capray.training import ddp_options, read_metrics, train
 from capray.vocab import Vocabulary
 
 DECODER = dict(embed_dim=128, hidden_dim=256, projection_dim=128, attention_dim=128)
@@ -60,10 +60,11 @@ def padded_forward(model: Decoder, features: torch.Tensor, tokens: torch.Tensor,
 
 
 def plain_loop(features_uri: str, *, epochs: int, packed: bool = True, threads: int = THREADS, rank: int = 0,
-               world: int = 1, port: int = 0) -> float:
+               world: int = 1, port: int = 0, broadcast_buffers: bool = False) -> float:
     """Images/s of a hand-written loop (median epoch after the first); ``packed=False`` runs the padded
     teacher forcing instead of the model's own (packed) forward. ``world`` > 1: this is process ``rank``
-    of a plain DDP group over gloo (no Ray), training on every ``world``-th image."""
+    of a plain DDP group over gloo (no Ray), training on every ``world``-th image, with capray's DDP
+    options or (``broadcast_buffers``) DDP's default: rank 0's buffers sent to all before every forward."""
     torch.set_num_threads(threads)
     table = pads.dataset(os.path.join(features_uri, "train"), format="parquet").to_table()
     features = torch.from_numpy(table["features"].combine_chunks().to_numpy_ndarray().copy())  # (N, P, E) fp16
@@ -84,7 +85,7 @@ def plain_loop(features_uri: str, *, epochs: int, packed: bool = True, threads: 
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, **({} if broadcast_buffers else ddp_options()))
     rates = []
     for _ in range(epochs):
         started, order = time.perf_counter(), torch.randperm(len(captions))[rank::world]
@@ -107,9 +108,10 @@ def plain_loop(features_uri: str, *, epochs: int, packed: bool = True, threads: 
     return statistics.median(rates[1:])
 
 
-def side_by_side(features_uri: str, *, epochs: int, ddp: bool) -> float:
+def side_by_side(features_uri: str, *, epochs: int, ddp: bool, broadcast_buffers: bool = False) -> float:
     """Images/s of two 1-thread plain loops run at once in two processes, summed: independent loops
-    (``ddp=False``: what this machine gives two processes at all) or one plain DDP group (gloo, no Ray)."""
+    (``ddp=False``: what this machine gives two processes at all) or one plain DDP group (gloo, no Ray),
+    with or without DDP's per-forward broadcast of the buffers."""
     import multiprocessing
     import socket
     from concurrent.futures import ProcessPoolExecutor
@@ -119,7 +121,8 @@ def side_by_side(features_uri: str, *, epochs: int, ddp: bool) -> float:
         port = s.getsockname()[1]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = [pool.submit(plain_loop, features_uri, epochs=epochs, threads=1, rank=rank,
-                            world=2 if ddp else 1, port=port) for rank in range(2)]
+                            world=2 if ddp else 1, port=port, broadcast_buffers=broadcast_buffers)
+                for rank in range(2)]
         return sum(run.result() for run in runs)
 
 
@@ -153,6 +156,7 @@ def main() -> None:
         alone = plain_loop(features, epochs=args.epochs, threads=1)
         independent = side_by_side(features, epochs=args.epochs, ddp=False)
         plain_ddp = side_by_side(features, epochs=args.epochs, ddp=True)
+        plain_ddp_broadcast = side_by_side(features, epochs=args.epochs, ddp=True, broadcast_buffers=True)
         ensure_ray(dashboard=True)
         runs = os.path.join(tmp, "runs")
         one = capray_run(features, runs, workers=1, epochs=args.epochs)
@@ -165,6 +169,7 @@ def main() -> None:
                "plain_one_thread_samples_per_s": round(alone, 1),
                "plain_two_independent_samples_per_s": round(independent, 1),
                "plain_ddp_samples_per_s": round(plain_ddp, 1),
+               "plain_ddp_broadcast_buffers_samples_per_s": round(plain_ddp_broadcast, 1),
                "ray_vs_plain": round(two["samples_per_s"] / plain, 3),
                "two_vs_one": round(two["samples_per_s"] / one["samples_per_s"], 3),
                "machine_two_vs_one": round(independent / alone, 3),
@@ -179,6 +184,7 @@ def main() -> None:
     print(f"{'plain loop, 1 process × 1 thread':<44}{alone:>11.1f}{'-':>9}")
     print(f"{'  2 of them at once, independent (sum)':<44}{independent:>11.1f}{'-':>9}")
     print(f"{'  2 at once as plain DDP, gloo, no Ray':<44}{plain_ddp:>11.1f}{'-':>9}")
+    print(f"{'  the same, broadcasting buffers every step':<44}{plain_ddp_broadcast:>11.1f}{'-':>9}")
     for label, run in (("capray, 1 worker × 1 thread", one), ("capray, 2 workers × 1 thread", two),
                        ("capray, 2 workers, streamed every epoch", streamed)):
         print(f"{label:<44}{run['samples_per_s']:>11.1f}{run['epoch_seconds']:>9.2f}")
@@ -187,7 +193,8 @@ def main() -> None:
     print(f"  what this machine allows: 2 independent 1-thread loops give x{results['machine_two_vs_one']:.2f} "
           f"one alone; 2 in plain DDP x{results['plain_ddp_two_vs_one']:.2f}")
     print(f"what each removal bought: packed teacher forcing x{results['packed_vs_padded']:.2f} (plain loop); "
-          f"holding the shares in memory x{two['samples_per_s'] / streamed['samples_per_s']:.2f} (2 workers)")
+          f"holding the shares in memory x{two['samples_per_s'] / streamed['samples_per_s']:.2f} (2 workers); "
+          f"no per-step buffer broadcast x{plain_ddp / plain_ddp_broadcast:.2f} (plain DDP)")
     if args.json:
         storage.write_json(args.json, results)
 

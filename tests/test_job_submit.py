@@ -7,6 +7,7 @@ stop every Ray of the user, including the test session's own).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,7 @@ def test_caption_job_runs_through_ray_job_submit(tmp_path):
         assert "succeeded" in job.stdout.lower()
     finally:
         _kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     shards = sorted(output.glob("*.parquet"))
     assert shards, "the job wrote no Parquet output"
     table = pq.ParquetDataset([str(s) for s in shards]).read()

@@ -100,6 +100,7 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     neither join it nor lose track of itself (Ray Train's helpers look "the" cluster up).
     """
     import os
+    import shutil
     import subprocess
     import tempfile
 
@@ -112,8 +113,11 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env.update({"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"})
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=900)
+    try:
+        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+    finally:  # each command stopped its own Ray; its session logs are not worth keeping in /tmp
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     data = tmp_path / "data"
     assert (data / "features" / "prepare.json").is_file()
