@@ -79,7 +79,7 @@ def test_metrics_log_keeps_one_line_per_epoch_when_epochs_are_redone(tmp_path):
 
 def test_ddp_wraps_the_decoder_without_a_buffer_broadcast_every_step(tmp_path):
     """The decoder's buffers never change in training, so DDP must not send them before every forward
-    (it cost 13-17% of two workers' throughput); the option's name must be this torch's own (no
+    (a collective per step, in lockstep); the option's name must be this torch's own (no
     deprecation warning), and the wrapped decoder still trains."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
