@@ -43,9 +43,10 @@ def ddp_options() -> dict:
 
     The decoder's buffers (feature statistics, grid coordinates) are set before training, equal on
     every rank and never change; DDP still syncs them once when it wraps the model. The per-forward
-    broadcast is one more collective per step, in lockstep: without it, two plain DDP processes on 2
-    cores trained 13%, 1% and 2% faster in three interleaved pairs of runs. torch 2.14 renamed the
-    option (``forward_sync_buffers``).
+    broadcast is one more collective per step, in lockstep. On 2 cores its cost is within this
+    machine's noise: without it, plain DDP ran 13%, 1% and 2% faster in three interleaved pairs of
+    runs, capray's 2 workers 1% and 12% faster in two. torch 2.14 renamed the option
+    (``forward_sync_buffers``).
     """
     from torch.nn.parallel import DistributedDataParallel
 
