@@ -36,7 +36,7 @@ class DemoPreset:
 
 
 def demo_preset() -> DemoPreset:
-    """Sized to finish in under 5 minutes on 2 CPU cores (236–259 s measured), with held-out object
+    """Sized to finish in under 5 minutes on 2 CPU cores (236–267 s measured), with held-out object
     accuracy ≥ 0.99 in most runs and BLEU-4 about 0.93 (see the README's "What holds BLEU-4 back")."""
     return DemoPreset()
 
