@@ -41,12 +41,12 @@ TENSORBOARD_DIR = "tensorboard"
 def ddp_options() -> dict:
     """DistributedDataParallel without its broadcast of the buffers before every forward.
 
-    The decoder's buffers (feature statistics, grid coordinates) are set before training, equal on
-    every rank and never change; DDP still syncs them once when it wraps the model. The per-forward
-    broadcast is one more collective per step, in lockstep. On 2 cores its cost is within this
-    machine's noise: without it, plain DDP ran 13%, 1% and 2% faster in three interleaved pairs of
-    runs, capray's 2 workers 1% and 12% faster in two. torch 2.14 renamed the option
-    (``forward_sync_buffers``).
+    The decoder's buffers (feature statistics, grid coordinates) are set the same on every rank before
+    training and never change. The per-forward broadcast is one more collective per step, in lockstep.
+    On 2 cores its cost is within this machine's noise: without it, plain DDP ran 13%, 1% and 2% faster
+    in three interleaved pairs of runs, capray's 2 workers 1% and 12% faster in two. torch 2.14 renamed
+    the option ``forward_sync_buffers`` (which still syncs them once, when DDP wraps the model; the
+    older ``broadcast_buffers=False`` does not, and need not).
     """
     from torch.nn.parallel import DistributedDataParallel
 
