@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import asdict
 
@@ -205,10 +206,12 @@ class _EpochLines:
 class EventLog:
     """A run's epochs as TensorBoard scalars, written by rank 0 with tensorboardX.
 
-    Events go to a local file synchronously (tensorboardX's ``SummaryWriter`` queues them for a
-    background thread, and its ``flush`` does not wait for the queue); after each epoch the file is
-    copied whole into ``uri`` (S3 cannot append; the file holds ~300 bytes per epoch). A worker group
-    restarted after a failure starts a file of its own, and TensorBoard reads every file of the folder.
+    In a local run folder the event file is written in place. For S3, which cannot append, events go
+    to a local file and after each epoch the file is copied whole into ``uri`` (~300 bytes per epoch).
+    tensorboardX's ``EventsWriter`` writes synchronously (its ``SummaryWriter`` queues events for a
+    thread that ``flush`` does not wait for). A worker group restarted after a failure starts a file
+    of its own (a random suffix keeps two started in the same second apart); TensorBoard reads every
+    file of the folder.
     """
 
     SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "bleu4/val": "val_bleu4", "lr": "lr",
@@ -218,12 +221,19 @@ class EventLog:
     def __init__(self, uri: str):
         from tensorboardX.event_file_writer import EventsWriter
 
-        self.uri, local = uri, tempfile.mkdtemp(prefix="capray-events-")
-        self.writer = EventsWriter(os.path.join(local, "events"))  # events.out.tfevents.<time>.<host>
-        (name,) = os.listdir(local)  # the one file it just opened
-        self.path = os.path.join(local, name)
-        # The local copy goes when the log closes, or when the process exits without closing it.
-        self._remove = weakref.finalize(self, shutil.rmtree, local, ignore_errors=True)
+        self.uri, self._copied = uri, storage.is_remote(uri)
+        if self._copied:
+            folder = tempfile.mkdtemp(prefix="capray-events-")
+            # The local copy goes when the log closes, or when the process exits without closing it
+            # (a process killed outright leaves it: ~300 bytes per epoch in the temp folder).
+            self._remove = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        else:
+            storage.makedirs(uri)
+            folder, self._remove = storage.resolve(uri)[1], None
+        suffix = f".{uuid.uuid4().hex[:8]}"
+        self.writer = EventsWriter(os.path.join(folder, "events"), filename_suffix=suffix)
+        (name,) = (n for n in os.listdir(folder) if n.endswith(suffix))  # events.out.tfevents.<time>.<host><suffix>
+        self.path = os.path.join(folder, name)
 
     def add(self, metrics: dict) -> None:
         from tensorboardX.proto.event_pb2 import Event
@@ -234,13 +244,15 @@ class EventLog:
                 self.writer.write_event(Event(wall_time=time.time(), step=metrics["epoch"] + 1,
                                               summary=scalar(tag, metrics[key])))
         self.writer.flush()
-        with open(self.path, "rb") as f:
-            storage.write_bytes(storage.join(self.uri, os.path.basename(self.path)), f.read())
+        if self._copied:
+            with open(self.path, "rb") as f:
+                storage.write_bytes(storage.join(self.uri, os.path.basename(self.path)), f.read())
 
     def close(self) -> None:
-        """Close the file and remove its local folder; every epoch added is already in ``uri``."""
+        """Close the file (and remove the local copy of an S3 run's); every epoch added is in ``uri``."""
         self.writer.close()
-        self._remove()
+        if self._remove is not None:
+            self._remove()
 
 
 def append_metrics(uri: str, metrics: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -285,16 +286,42 @@ def _untrained_bleu4(pipeline, trained_uri: str) -> float:
     return evaluate(EvaluateConfig(checkpoint=directory, features=pipeline["features"], out=out))["bleu4"]
 
 
-def test_event_log_leaves_no_local_folder_behind(tmp_path):
-    """The writer's local copy is removed on close; every epoch added is already in the run's folder."""
-    events = EventLog(str(tmp_path / "run" / TENSORBOARD_DIR))
-    local = os.path.dirname(events.path)
+def _log_two_epochs(events: EventLog) -> None:
     for epoch in range(2):
         events.add({"epoch": epoch, "train_loss": 2.0 - epoch, "val_loss": 2.5, "val_bleu4": -1.0 if epoch == 0 else 0.5,
                     "lr": 1e-3, "train_images_per_s": 100.0})
-    assert os.path.isdir(local)
+
+
+def _staging_folders() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("capray-events-")}
+
+
+def test_event_log_writes_a_local_run_in_place_and_leaves_nothing_in_tmp(tmp_path):
+    """A local run folder takes the event file itself: no staging folder in /tmp, so a worker killed
+    outright leaves nothing behind either. Two logs opened in the same second keep two files."""
+    before = _staging_folders()
+    folder = tmp_path / "run" / TENSORBOARD_DIR
+    first, second = EventLog(str(folder)), EventLog(str(folder))
+    assert _staging_folders() == before
+    assert os.path.dirname(first.path) == str(folder) and first.path != second.path
+    _log_two_epochs(first)
+    first.close()
+    second.close()
+    assert os.path.exists(first.path)
+    scalars = _tensorboard_scalars(str(folder))
+    assert [(tag, step) for tag, step, _ in scalars if tag == "loss/train"] == [("loss/train", 1), ("loss/train", 2)]
+    assert [(step, value) for tag, step, value in scalars if tag == "bleu4/val"] == [(2, 0.5)]
+
+
+def test_event_log_of_an_s3_run_removes_its_local_copy(s3_bucket):
+    """S3 cannot append: the file is staged locally and copied after each epoch; closing removes the copy."""
+    uri = f"{s3_bucket}/run/{TENSORBOARD_DIR}"
+    events = EventLog(uri)
+    local = os.path.dirname(events.path)
+    assert os.path.basename(local).startswith("capray-events-")
+    _log_two_epochs(events)
     events.close()
     assert not os.path.exists(local)
-    scalars = _tensorboard_scalars(str(tmp_path / "run" / TENSORBOARD_DIR))
+    scalars = _tensorboard_scalars(uri)
     assert [(tag, step) for tag, step, _ in scalars if tag == "loss/train"] == [("loss/train", 1), ("loss/train", 2)]
     assert [(step, value) for tag, step, value in scalars if tag == "bleu4/val"] == [(2, 0.5)]
