@@ -36,8 +36,8 @@ bundle: $(STAMP)
 	$(PY) tools/bundle.py
 
 # The GPU path measured on one node (bench/gpu_check.py); without a GPU it runs at small sizes and says so.
-# On an air-gapped node, after the bundle's install.sh: make gpu-check PY=python3
-gpu-check:
+# On an air-gapped node, after the bundle's install.sh: make gpu-check PY=python3 (no .venv is made then).
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	$(PY) bench/gpu_check.py --json bench-output/gpu_check.json
 
 clean:
