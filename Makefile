@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bundle gpu-check clean
+.PHONY: install demo test test-fast test-extended test-all bench bundle gpu-check clean
 
 install: $(STAMP)
 
@@ -20,8 +20,21 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/capray demo --out demo-output
 
+# make test: every test of the product. The harness's own tests and the bundle build (marker
+# "extended") run in make test-all, and in CI when tools/ or tests/fakecluster.py changed (.ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -m "not extended" tests
+
+# The inner loop: no Ray, no fake cluster, no subprocess pipeline (about 2-3 minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow and not extended" tests
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m extended tests
+	git rev-parse HEAD:tools HEAD:tests/fakecluster.py > .ci/extended-tested
+
+# Everything; records the harness and tools trees it passed with in .ci/extended-tested (commit it).
+test-all: test test-extended
 
 bench: $(STAMP)
 	$(PY) bench/caption_throughput.py --json bench-output/caption_throughput.json

@@ -77,3 +77,15 @@ def job_env():
                 "CAPRAY_LOG_LEVEL": "WARNING"})
     yield env
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+RAY_FIXTURES = frozenset({"ray_local", "job_env", "fake_cluster", "fake_cluster_factory"})
+"""A test that uses one of these (directly or through another fixture) starts or joins a Ray."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs a Ray as ``ray``, from the fixtures it uses, so ``make test-fast``
+    (``-m "not ray and not slow and not extended"``) leaves them out without each test saying so."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

@@ -107,6 +107,7 @@ def installed(built, node, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_bundle_over_budget_fails_with_one_line_after_its_table(built):
     run, folder = built
     assert run.returncode == 2, run.stderr
@@ -117,6 +118,7 @@ def test_a_bundle_over_budget_fails_with_one_line_after_its_table(built):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_installed_bundle_runs_ray_data_train_and_capray_without_the_venvs_ray(installed, node, tmp_path,
                                                                               ray_tmpdir):
     site, stdout = installed
@@ -167,6 +169,7 @@ print(json.dumps({"origin": origin, "bleu4": scores["bleu4"], "doubled": doubled
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_install_sh_again_is_a_no_op(built, installed, node, tmp_path):
     site, stdout = installed
     python, packages = node
@@ -180,6 +183,7 @@ def test_install_sh_again_is_a_no_op(built, installed, node, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_install_sh_refuses_another_python_in_one_line(built, tmp_path):
     other = "3.12" if PY != "3.12" else "3.11"
     fake = tmp_path / "python"  # answers like an interpreter of another version, for the version check

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.extended  # the harness's own tests: make test-all, and CI when the harness changes
+
 from fakecluster import DEFAULT_NODE_TYPES, FakeCluster, fake_cluster, fake_cluster_factory  # noqa: F401
 
 
