@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/capray demo --out demo-output
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || echo "make test: no chromium on PATH, so the gallery's browser test is skipped (apt-get install chromium; .ci/run does)"
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: $(STAMP)
