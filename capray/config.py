@@ -456,6 +456,10 @@ class AttendConfig:
         _at_least_one(self, "beam_size", "max_length")
 
 
+MAX_GALLERY_IMAGES = 5000
+"""Most images one gallery page embeds (about 50 MB of thumbnails: more would not open well in a browser)."""
+
+
 @dataclass(frozen=True)
 class GalleryConfig:
     """``capray gallery``: one self-contained HTML page of captioned images, errors and lowest confidence first."""
@@ -487,6 +491,9 @@ class GalleryConfig:
             _set(self, "references", storage.normalize(self.references))
         _at_least_one(self, "sample")
         _not_negative(self, "seed", "worst")
+        if self.sample + 2 * self.worst > MAX_GALLERY_IMAGES:
+            raise ValueError(f"--sample + 2 × --worst must be at most {MAX_GALLERY_IMAGES} (the page embeds every "
+                             f"image), got {self.sample} + 2 × {self.worst}")
         if not 16 <= self.thumbnail_size <= 1024:
             raise ValueError(f"--thumbnail-size must be 16..1024 pixels, got {self.thumbnail_size}")
 

@@ -225,7 +225,7 @@ def read_thumbnails(paths: Iterable[str], *, size: int, image_column: str = "", 
     in_shards: dict[str, set[str]] = defaultdict(set)
     for path in dict.fromkeys(paths):
         shard = shards.shard_of(path)
-        if shard == path or shards.shard_kind(shard) is None:
+        if shard == path:
             plain.append(path)
         else:
             in_shards[shard].add(path)

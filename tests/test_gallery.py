@@ -325,6 +325,17 @@ def test_webdataset_samples_on_s3_are_read_from_their_shards(s3_bucket, tmp_path
     assert "not found in" in cards[rows[10]["path"]]["placeholder"]
 
 
+def test_parquet_shard_samples_are_read_by_their_key(tmp_path):
+    folder = generate(str(tmp_path / "shapes"), SynthConfig(num_images=6, seed=2, image_size=64), format="parquet",
+                      samples_per_shard=6)
+    shard = next(storage.list_files(folder, extensions=("parquet",)))
+    rows = [{"path": f"{shard}#{i:09d}", "caption": f"sample {i}", "score": -0.1 * i, "error": None} for i in range(6)]
+    output = write_output(str(tmp_path / "captions"), rows)
+    page, _ = gallery(output, tmp_path / "page.html", sample=6, worst=0)
+    assert sorted(c["path"] for c in page.sections["sample"] if c["img"].startswith("data:image/jpeg")) == sorted(
+        r["path"] for r in rows)
+
+
 def test_the_command_writes_the_page_and_refuses_bad_input_in_one_line(captioned, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "capray.cli", "gallery", *args], capture_output=True, text=True,
@@ -336,6 +347,7 @@ def test_the_command_writes_the_page_and_refuses_bad_input_in_one_line(captioned
     assert f"page: {page}" in done.stdout and len(Page(page.read_text()).sections["sample"]) == 4
     for args, needle in ((["--captions", str(tmp_path), "--out", str(page)], "no caption shards"),
                          (["--captions", captioned["output"], "--out", str(page), "--sample", "0"], "--sample"),
+                         (["--captions", captioned["output"], "--out", str(page), "--sample", "100000"], "at most"),
                          (["--captions", captioned["output"], "--out", str(page), "--references",
                            str(tmp_path / "nothing.jsonl")], "--references")):
         result = run(*args)
