@@ -384,14 +384,24 @@ def test_the_page_loads_in_headless_chromium_with_every_image_and_no_errors(shap
     page_path = tmp_path / "page.html"
     _, text = gallery(output, page_path, sample=10, worst=2)
 
-    # The probe goes into a copy: the page itself carries no script.
-    probed = tmp_path / "probed.html"
-    probed.write_text(text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_END + "</body>", 1))
-    dom = chromium("--dump-dom", probed.as_uri())
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    body = Page(dom.stdout).tags[[t for t, _ in Page(dom.stdout).tags].index("body")][1]
+    def probe(html_text: str) -> dict:
+        """Load a copy of the page with the probe in it (the page itself carries no script)."""
+        probed = tmp_path / "probed.html"
+        probed.write_text(html_text.replace("<head>", "<head>" + PROBE_HEAD, 1)
+                          .replace("</body>", PROBE_END + "</body>", 1))
+        dom = chromium("--dump-dom", probed.as_uri())
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        return next(attrs for tag, attrs in Page(dom.stdout).tags if tag == "body")
+
+    body = probe(text)
     assert json.loads(body["data-probe-errors"]) == []
     assert (body["data-probe-images"], body["data-probe-loaded"], body["data-probe-captions"]) == ("10", "10", "10")
+    # The probe's control: a broken image and a failing script are seen.
+    head, sample = text.split('<section id="sample">')
+    broken = (head + '<section id="sample">' + sample.replace("base64,", "base64,AAAA", 1)).replace(
+        "</body>", "<script>undefinedFunction()</script></body>", 1)
+    control = probe(broken)
+    assert control["data-probe-loaded"] == "9" and len(json.loads(control["data-probe-errors"])) >= 1
 
     shot = tmp_path / "shot.png"
     done = chromium(f"--screenshot={shot}", "--window-size=1200,900", page_path.as_uri())
