@@ -23,6 +23,7 @@ demo: $(STAMP)
 # make test: every test of the product. The harness's own tests and the bundle build (marker
 # "extended") run in make test-all, and in CI when tools/ or tests/fakecluster.py changed (.ci/run).
 test: $(STAMP)
+	@command -v chromium >/dev/null || echo "make test: no chromium on PATH, so the gallery's browser test is skipped (apt-get install chromium; .ci/run does)"
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -m "not extended" tests
 
 # The inner loop: no Ray, no fake cluster, no subprocess pipeline (about 2-3 minutes).

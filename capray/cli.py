@@ -340,6 +340,10 @@ def _dispatch(command: str, config: Any) -> None:
         words = attend(config.checkpoint, config.image, config.out, beam_size=config.beam_size,
                        max_length=config.max_length)
         print(f"{' '.join(words)}\nattention plot: {config.out}")
+    elif command == "gallery":
+        from capray.gallery import make_gallery, print_summary
+
+        print_summary(make_gallery(config))
     elif command == "demo":
         from capray.demo import run_demo
 

@@ -456,6 +456,48 @@ class AttendConfig:
         _at_least_one(self, "beam_size", "max_length")
 
 
+MAX_GALLERY_IMAGES = 5000
+"""Most images one gallery page embeds (about 50 MB of thumbnails: more would not open well in a browser)."""
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    """``capray gallery``: one self-contained HTML page of captioned images, errors and lowest confidence first."""
+
+    captions: str
+    """A ``capray caption`` output (URI); its images are read from the locations in its ``path`` column."""
+    out: str
+    """The HTML page to write (URI), e.g. ``gallery.html``."""
+    sample: int = 48
+    """Rows shown as a deterministic sample of the whole output (picked by a seeded hash of the path)."""
+    seed: int = 0
+    """Seed of the sample: the same seed shows the same rows, another seed others."""
+    worst: int = 12
+    """Also shown: this many lowest-confidence captions, and up to this many error rows (0: neither)."""
+    thumbnail_size: int = 192
+    """Longest side of the embedded thumbnails, in pixels."""
+    references: str = ""
+    """Reference captions to show beside each caption, matched by image location: a feature dataset
+    (``capray prepare``'s output) or an annotation file (JSONL manifest, COCO or Karpathy JSON)."""
+    image_column: str = ""
+    """Parquet-shard input: the column of image bytes, if ``capray caption`` was given one."""
+
+    def __post_init__(self):
+        for name in ("captions", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} must not be empty")
+            _set(self, name, storage.normalize(getattr(self, name)))
+        if self.references:
+            _set(self, "references", storage.normalize(self.references))
+        _at_least_one(self, "sample")
+        _not_negative(self, "seed", "worst")
+        if self.sample + 2 * self.worst > MAX_GALLERY_IMAGES:
+            raise ValueError(f"--sample + 2 × --worst must be at most {MAX_GALLERY_IMAGES} (the page embeds every "
+                             f"image), got {self.sample} + 2 × {self.worst}")
+        if not 16 <= self.thumbnail_size <= 1024:
+            raise ValueError(f"--thumbnail-size must be 16..1024 pixels, got {self.thumbnail_size}")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """``capray demo``: the whole pipeline on a generated dataset, local Ray, local folders."""
@@ -478,6 +520,7 @@ COMMANDS: Mapping[str, type] = MappingProxyType({
     "caption": CaptionConfig,
     "evaluate": EvaluateConfig,
     "attend": AttendConfig,
+    "gallery": GalleryConfig,
     "demo": DemoConfig,
 })
 """Each subcommand's options; the first line of the class docstring is its help."""

@@ -50,6 +50,7 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
     from capray.captioning import CaptionConfig, caption
     from capray.evaluation import EvaluateConfig, attend, evaluate
     from capray.features import PrepareConfig, prepare
+    from capray.gallery import GalleryConfig, make_gallery
     from capray.runtime import ensure_ray
     from capray.synth import SynthConfig, generate
     from capray.training import TrainConfig, train
@@ -90,6 +91,9 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
     t = stage("4/6 caption: the held-out test images, folder → Parquet")
     captioned = caption(CaptionConfig(input=os.path.join(paths["shapes"], "images", "test"),
                                       out=paths["captions"], checkpoint=run_dir, beam_size=3, batch_size=32))
+    gallery = make_gallery(GalleryConfig(captions=paths["captions"], out=os.path.join(workdir, "gallery.html"),
+                                         references=paths["features"]))
+    print(f"gallery of the captions (lowest confidence first, with the references): {gallery.out}", flush=True)
     times["caption"] = time.perf_counter() - t
 
     t = stage("5/6 evaluate: test split, beam 3")
@@ -137,6 +141,7 @@ def _print_report(*, preset, prepared, trained, captioned, metrics, times, paths
     print("\noutputs:")
     print(f"  metrics      {os.path.join(workdir, 'metrics.json')}")
     print(f"  captions     {paths['captions']}/*.parquet")
+    print(f"  gallery      {os.path.join(workdir, 'gallery.html')} (open in a browser: captions on their images)")
     print(f"  checkpoints  {trained['run']}")
     print(f"  curves       {os.path.join(trained['run'], CURVES_FILE)} (per-epoch lines: {METRICS_LOG} beside it)")
     print(f"  attention    {', '.join(os.path.relpath(p, workdir) for p in plots)} (under {workdir})")

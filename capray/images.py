@@ -55,6 +55,33 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> tup
     return array, int(width), int(height)
 
 
+def thumbnail(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode, apply EXIF orientation, convert to RGB and shrink to fit ``size``×``size``, keeping the
+    aspect ratio (the gallery's thumbnails; the encoder's square input is ``decode_image``'s).
+
+    Raises ``ImageDecodeError`` with a short reason for anything that is not a decodable image.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image too large ({width}x{height} pixels > {max_pixels})")
+            image.draft("RGB", (size, size))
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"refused as a possible decompression bomb: {exc}") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}".strip()) from None
+    return rgb
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited on white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

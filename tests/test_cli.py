@@ -31,7 +31,7 @@ def assert_one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -
 
 
 def test_every_job_file_shares_its_subcommand_parser():
-    for command in ("prepare", "train", "caption", "evaluate"):
+    for command in ("prepare", "train", "caption", "evaluate", "gallery"):
         job_flags = {a.dest for a in cli.parser(command)._actions}
         sub = cli.parser()._subparsers._group_actions[0].choices[command]
         assert job_flags == {a.dest for a in sub._actions}
@@ -95,7 +95,7 @@ def test_a_bad_number_is_one_usage_error():
     assert_one_line_exit_2(run_cli("train", "--features", "f", "--out", "o", "--epochs", "many"), "--epochs")
 
 
-@pytest.mark.parametrize("command", ["synth", "prepare", "train", "caption", "evaluate", "attend", "demo"])
+@pytest.mark.parametrize("command", ["synth", "prepare", "train", "caption", "evaluate", "attend", "gallery", "demo"])
 def test_help_works_for_every_subcommand(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and f"capray {command}" in result.stdout
@@ -133,7 +133,7 @@ def test_every_flag_sets_its_field(command):
     """Each flag, given a value unlike its default, lands in the config built from the command line."""
     cls = configs.COMMANDS[command]
     required = {"features": "f", "out": "o", "checkpoint": "c", "input": "i", "image": "x.png",
-                "annotations": "a.jsonl", "num_images": "7"}
+                "annotations": "a.jsonl", "num_images": "7", "captions": "c"}
     base = [arg for o in cli.options(cls) if o.required for arg in (o.flag, required[o.path[-1]])]
     for option in cli.options(cls):
         if option.required:

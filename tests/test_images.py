@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capray.images import ImageDecodeError, decode_image
+from capray.images import ImageDecodeError, decode_image, thumbnail
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -213,3 +213,19 @@ def test_errors_are_one_line():
         with pytest.raises(ImageDecodeError) as info:
             decode_image(data, 32)
         assert "\n" not in str(info.value)
+
+
+# --- gallery thumbnails ------------------------------------------------------------------------------
+
+def test_thumbnail_keeps_the_aspect_ratio_and_the_exif_orientation():
+    # Stored 640 × 320, left red, right blue, orientation 6: seen 320 wide × 640 high, red on top.
+    thumb = thumbnail(_jpeg_with_orientation(left_red_right_blue(640, 320), 6), 64)
+    assert thumb.mode == "RGB" and thumb.size == (32, 64)
+    assert close_to(thumb.getpixel((16, 4)), RED, 30) and close_to(thumb.getpixel((16, 59)), BLUE, 30)
+
+
+def test_thumbnail_of_transparency_is_on_white_and_of_garbage_an_error():
+    rgba = Image.new("RGBA", (40, 20), (0, 0, 255, 0))
+    assert close_to(thumbnail(encode(rgba, "PNG"), 64).getpixel((5, 5)), WHITE)
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        thumbnail(b"not an image at all" * 10, 64)
