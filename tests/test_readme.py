@@ -105,7 +105,8 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     import tempfile
 
     lines = _local_block().splitlines()
-    assert [shlex.split(line)[1] for line in lines] == ["synth", "prepare", "train", "caption", "evaluate", "attend"]
+    assert [shlex.split(line)[1] for line in lines] == [
+        "synth", "prepare", "train", "caption", "evaluate", "attend", "gallery"]
     script = "set -euo pipefail\n" + "\n".join(
         line + "".join(f" {shlex.quote(x)}" for x in SMALLER.get(shlex.split(line)[1], [])) for line in lines)
     (tmp_path / ".venv").symlink_to(README.parent / ".venv")  # the README's `.venv/bin/capray`
@@ -125,6 +126,7 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     assert list((data / "captions").glob("*.parquet")) and (data / "captions" / "summary.json").is_file()
     assert (data / "eval" / "metrics.json").is_file()
     assert (tmp_path / "att.png").stat().st_size > 0
+    assert "<img" in (tmp_path / "gallery.html").read_text()
     assert "Traceback" not in result.stderr, result.stderr[result.stderr.index("Traceback") - 500:][:3000]
     # A console worth reading: capray's own lines, an epoch line from the driver, none of Ray's chatter.
     console = result.stdout + result.stderr
