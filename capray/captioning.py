@@ -17,6 +17,13 @@ Before a run, the ``path`` column of the shards already in OUT is read (as 16-by
 millions of paths cost tens of MB) and those images are not listed again. A shard's samples are only
 known once it is read, so for sharded input those digests go to the tasks, which skip done samples.
 
+A run holds the output's lease (``capray.lease``) from before it reads OUT until it ends: a second run
+into the same output is refused, a dead run's lease is taken over, and only then are the dead run's
+leftovers (``_listing``, temporary files) deleted. ``--overwrite`` builds the new output in
+``OUT/_overwrite/`` (resumable like any output) and replaces the old shards only once it is complete.
+Reads that fail for a transient reason after the S3 client's retries go to a retry listing; once the
+rest is done they are tried again, with growing pauses, for ``retry_window_s`` seconds.
+
 Why not Ray Data's own checkpointing (``DataContext.checkpoint_config``)? It does the same
 filtering, but adds an actor pool of at least one 1-CPU actor with a 1 GiB memory reservation
 to every resumed run (on a 2-core machine that starves the decode tasks: a hang), holds every

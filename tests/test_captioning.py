@@ -688,3 +688,29 @@ def test_out_of_memory_with_one_image_fails_instead_of_writing_error_rows(checkp
     with pytest.raises(torch.OutOfMemoryError):
         captioner(_decoded_batch(np.stack([_rgb(seed=i) for i in range(4)])))
     assert calls == [4, 2, 1]
+
+
+def test_a_replacement_killed_halfway_is_finished_by_the_next_run_and_can_be_repeated(tmp_path):
+    """``_overwrite/_replace.json`` lists the old and new shards; replaying it, twice, leaves only the new."""
+    from capray import lease
+    from capray.captioning import REPLACE_FILE, _finish_replacement
+
+    output = tmp_path / "out"
+    old = ["part-20260101T000000-aaaaaa-000000.parquet", "part-20260101T000000-aaaaaa-000001.parquet"]
+    new = ["part-20260202T000000-bbbbbb-000000.parquet", "part-20260202T000000-bbbbbb-r1-000003.parquet"]
+    for name in old:
+        write_parquet(str(output / name), pa.table({"path": [f"old {name}"]}))
+    for name in new:
+        write_parquet(str(output / "_overwrite" / name), pa.table({"path": [f"new {name}"]}))
+    storage.write_json(str(output / "_overwrite" / REPLACE_FILE), {"old": old, "new": new, "markers": [],
+                                                                     "old_markers": []})
+    storage.move(str(output / "_overwrite" / new[0]), str(output / new[0]))  # killed after its first move
+    storage.delete_file(str(output / old[1]))  # ... or after one delete
+
+    with lease.acquire(str(output), run_id="next") as held:
+        _finish_replacement(str(output), held)
+        _finish_replacement(str(output), held)  # nothing left to do: a no-op
+
+    assert shard_names(str(output)) == sorted(new)
+    assert sorted(read_output(str(output)).column("path").to_pylist()) == sorted(f"new {n}" for n in new)
+    assert not (output / "_overwrite").exists()
