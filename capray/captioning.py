@@ -181,6 +181,10 @@ def _caption_holding(config: CaptionConfig, held: lease.Lease, *, started: float
                              wall_seconds=round(wall, 3),
                              images_per_s=round((ok + errors) / wall, 3) if wall > 0 else 0.0,
                              output=final, run_id=run_id, shards=written, settings=settings)
+    if config.overwrite and retryable:  # not complete: the old output stays; --overwrite again resumes
+        log.warning("caption: the new output is not complete, so it does not replace the old one yet; it waits "
+                    "in %s for the same command again", staging)
+        return summary
     if config.overwrite:
         _replace_output(final, staging, held)
     storage.write_json(storage.join(final, SUMMARY_FILE), summary.to_dict())  # written last

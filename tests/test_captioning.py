@@ -714,3 +714,23 @@ def test_a_replacement_killed_halfway_is_finished_by_the_next_run_and_can_be_rep
     assert shard_names(str(output)) == sorted(new)
     assert sorted(read_output(str(output)).column("path").to_pylist()) == sorted(f"new {n}" for n in new)
     assert not (output / "_overwrite").exists()
+
+
+def test_an_overwrite_that_could_not_read_everything_does_not_replace_the_old_output(
+        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
+    names = [f"img {i:02d}.jpg" for i in range(6)]
+    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
+    output = tmp_path / "out"
+    caption(CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=2,
+                          max_length=3, rows_per_shard=2))
+    old_shards, old_summary = shard_names(str(output)), (output / SUMMARY_FILE).read_text()
+    faulty_s3.configure(FaultPlan(get_keys=keys(["in/img 00.jpg"]), get_failures=ALWAYS))
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "1"}
+
+    result = subprocess.run(_caption_command(s3_bucket, str(output), checkpoint, "--overwrite", "--retry-window-s", "0"),
+                            env=env, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert shard_names(str(output)) == old_shards and (output / SUMMARY_FILE).read_text() == old_summary
+    staged = read_output(str(output / "_overwrite")).column("path").to_pylist()
+    assert sorted(staged) == sorted(f"{s3_bucket}/in/{n}" for n in names[1:])  # waits for the same command again
