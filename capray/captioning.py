@@ -17,6 +17,13 @@ Before a run, the ``path`` column of the shards already in OUT is read (as 16-by
 millions of paths cost tens of MB) and those images are not listed again. A shard's samples are only
 known once it is read, so for sharded input those digests go to the tasks, which skip done samples.
 
+A run holds the output's lease (``capray.lease``) from before it reads OUT until it ends: a second run
+into the same output is refused, a dead run's lease is taken over, and only then are the dead run's
+leftovers (``_listing``, temporary files) deleted. ``--overwrite`` builds the new output in
+``OUT/_overwrite/`` (resumable like any output) and replaces the old shards only once it is complete.
+Reads that fail for a transient reason after the S3 client's retries go to a retry listing; once the
+rest is done they are tried again, with growing pauses, for ``retry_window_s`` seconds.
+
 Why not Ray Data's own checkpointing (``DataContext.checkpoint_config``)? It does the same
 filtering, but adds an actor pool of at least one 1-CPU actor with a 1 GiB memory reservation
 to every resumed run (on a 2-core machine that starves the decode tasks: a hang), holds every
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import time
 import uuid
@@ -37,14 +45,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capray import shards, storage
+from capray import lease, shards, storage
 from capray.config import CaptionConfig
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
 from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
                             finished_paths, input_kind, input_paths, write_listing, write_marker)
 from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
-from capray.sink import RETRY, ShardSink, caption_schema, delete_shards, shard_metadata
+from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,9 @@ IMAGE = "image"  # decoded pixels between the decode tasks and the captioners (n
 DECODE_TASK_RETRIES = 10
 """Ray retries of a decode task that raised ``TransientStorageError`` (reading its listing shard)."""
 MAX_BLOCKS = 10_000  # decode tasks per run at most: Ray Data keeps some driver memory per block
+RETRY_FIRST_PAUSE_S = 5.0
+"""Pause before the first pass that retries transient read failures; it doubles for every further pass."""
+RETRY_MAX_PAUSE_S = 60.0
 DONE_FILE = "done.npy"
 """``OUT/_listing/<run>/done.npy``: sorted digests of the paths OUT holds, for the tasks reading shards."""
 
@@ -89,7 +100,7 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     """Caption every image of ``config.input`` not yet in ``config.out``; returns the run summary.
 
     Configuration errors (missing bucket, no images, unusable checkpoint, an output written with other
-    settings) raise ``ValueError`` before Ray or any actor starts.
+    settings, an output another live run holds) raise ``ValueError`` before Ray or any actor starts.
     """
     started = time.perf_counter()
     storage.check_bucket(config.input)
@@ -108,27 +119,60 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     }
     input_shards = _input_shards(config, source) if sharded else []
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    output = config.out
-    done, with_errors, done_in_shards = (np.empty(0, dtype="S16"), [], {}) if config.overwrite else \
-        finished_paths(output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
+    with lease.acquire(config.out, run_id=run_id, timeout_s=config.lease_timeout_s, what="caption run") as held:
+        return _caption_holding(config, held, started=started, source=source, settings=settings,
+                                input_shards=input_shards, image_size=model["image_size"])
+
+
+def _caption_holding(config: CaptionConfig, held: lease.Lease, *, started: float, source: str, settings: dict,
+                     input_shards: list[str], image_size: int) -> CaptionSummary:
+    """``caption`` once the run holds the output's lease: anything in OUT that is not ours is a dead run's."""
+    run_id, final = held.run_id, config.out
+    _finish_replacement(final, held)  # an --overwrite killed while it replaced the output: finish that first
+    staging = storage.join(final, OVERWRITE_DIR)
+    output = staging if config.overwrite else final
+    if config.overwrite:
+        _start_or_resume_overwrite(staging, run_id=run_id, settings=settings)
+    done, with_errors, done_in_shards = finished_paths(
+        output, settings, retry_errors=config.retry_errors, count_in=frozenset(input_shards))
+    if not config.overwrite and storage.exists(staging):
+        log.warning("caption: %s holds an unfinished --overwrite; without --overwrite it is abandoned and "
+                    "the output as it was is resumed", final)
+        storage.delete_dir(staging)
+    storage.delete_dir(storage.join(output, LISTING_DIR))  # listings of dead runs (we hold the lease)
     listing = storage.join(output, LISTING_DIR, run_id)
-    storage.delete_dir(storage.join(output, LISTING_DIR))  # stale listings of killed runs
+    sharded = bool(input_shards)
     plan = _plan_shards(input_shards, done_in_shards, output=output, listing=listing) if sharded else \
         _plan_images(config, source, done, listing=listing)
-    if config.overwrite:
-        delete_shards(output)
-        storage.delete_dir(storage.join(output, SHARDS_DIR))
     for uri in with_errors:  # --retry-errors: their images are listed again, so their error rows go
         drop_error_rows(uri)
-    storage.delete_file(storage.join(output, SUMMARY_FILE))  # its presence means "the last run finished"
+    if not config.overwrite:  # its presence means "the last run finished"; an --overwrite keeps the old one
+        storage.delete_file(storage.join(final, SUMMARY_FILE))
     log.info("caption: %s in %s, %s → %s (run %s)", plan.input_line, config.input, plan.done_line, output, run_id)
 
     ok = errors = retryable = written = 0
-    if plan.units:
-        ok, errors, retryable, written = _run(config, units=plan.units, output=output, run_id=run_id,
-                                              image_size=model["image_size"], settings=settings, done=plan.done)
+    units, retry_pass, deadline, pause = plan.units, 0, None, RETRY_FIRST_PAUSE_S
+    while units:
+        result = _run(config, units=units, output=output, run_id=run_id, image_size=image_size,
+                      settings=settings, done=plan.done if retry_pass == 0 else None, held=held, retry_pass=retry_pass,
+                      retry_listing=storage.join(listing, f"retry-{retry_pass + 1}"))
+        ok, errors, written = ok + result.ok, errors + result.errors, written + result.shards
+        retryable, units = result.retryable, result.retry_units
+        if not units:
+            break
+        deadline = deadline or time.monotonic() + config.retry_window_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        pause = min(pause, left, RETRY_MAX_PAUSE_S)
+        retry_pass += 1
+        log.warning("caption: %d image(s) could not be read for a transient reason; retrying them in %.0f s "
+                    "(pass %d, %.0f s of --retry-window-s left)", retryable, pause, retry_pass, left)
+        time.sleep(pause)
+        pause *= 2
     total = plan.total if plan.total is not None else plan.skipped + ok + errors + retryable
-    storage.delete_dir(storage.join(output, LISTING_DIR))
+    held.check()  # a run robbed of its output deletes nothing
+    storage.delete_dir(storage.join(output, LISTING_DIR))  # ours (any other run's went when we took the lease)
     wall = time.perf_counter() - started
     if retryable:
         log.warning("caption: %d image(s) could not be read for a transient reason (see the log); they are "
@@ -136,9 +180,79 @@ def caption(config: CaptionConfig) -> CaptionSummary:
     summary = CaptionSummary(total=total, ok=ok, errors=errors, skipped=plan.skipped, retryable=retryable,
                              wall_seconds=round(wall, 3),
                              images_per_s=round((ok + errors) / wall, 3) if wall > 0 else 0.0,
-                             output=output, run_id=run_id, shards=written, settings=settings)
-    storage.write_json(storage.join(output, SUMMARY_FILE), summary.to_dict())  # written last
+                             output=final, run_id=run_id, shards=written, settings=settings)
+    if config.overwrite and retryable:  # not complete: the old output stays; --overwrite again resumes
+        log.warning("caption: the new output is not complete, so it does not replace the old one yet; it waits "
+                    "in %s for the same command again", staging)
+        return summary
+    if config.overwrite:
+        _replace_output(final, staging, held)
+    storage.write_json(storage.join(final, SUMMARY_FILE), summary.to_dict())  # written last
     return summary
+
+
+# --- --overwrite: the new output is built in OUT/_overwrite/ and replaces the old one when complete ----------
+
+OVERWRITE_DIR = "_overwrite"
+"""``OUT/_overwrite/``: an --overwrite run's shards (and its ``_listing``, ``_shards``) until it has finished.
+Readers of OUT never see it (dataset readers skip names that start with ``_``)."""
+OVERWRITE_FILE = "_overwrite.json"
+"""``OUT/_overwrite/_overwrite.json``: the settings of the pending replacement (written before any shard)."""
+REPLACE_FILE = "_replace.json"
+"""``OUT/_overwrite/_replace.json``: the old shards to delete and the new ones to move up, written before
+the replacement starts, so a run killed during it can be finished by the next run, whatever its flags."""
+
+
+def _start_or_resume_overwrite(staging: str, *, run_id: str, settings: dict) -> None:
+    """Resume a pending --overwrite with the same settings; start afresh if there is none, or it had others."""
+    marker = storage.join(staging, OVERWRITE_FILE)
+    if storage.exists(marker):
+        pending = storage.read_json(marker)
+        if pending.get("settings") == json.loads(json.dumps(settings)):
+            log.info("caption: resuming the unfinished --overwrite of run %s", pending.get("run_id"))
+            return
+        log.warning("caption: an unfinished --overwrite with other settings (run %s) is dropped",
+                    pending.get("run_id"))
+    storage.delete_dir(staging)
+    storage.write_json(marker, {"run_id": run_id, "settings": settings})
+
+
+def _replace_output(final: str, staging: str, held: lease.Lease) -> None:
+    """The complete new output in ``staging`` replaces the old one in ``final``."""
+    held.check()
+    old = [storage.basename(u) for u in shard_uris(final)]
+    new = [storage.basename(u) for u in shard_uris(staging)]
+    markers = [storage.basename(u) for u in storage.list_files(storage.join(staging, SHARDS_DIR))]
+    old_markers = [storage.basename(u) for u in storage.list_files(storage.join(final, SHARDS_DIR))]
+    storage.write_json(storage.join(staging, REPLACE_FILE),
+                       {"old": old, "new": new, "markers": markers, "old_markers": old_markers})
+    _finish_replacement(final, held)
+
+
+def _finish_replacement(final: str, held: lease.Lease) -> None:
+    """Carry out ``REPLACE_FILE`` if there is one: move the new shards up, then delete the old ones.
+
+    Every step can be repeated: a killed replacement is finished by the next run. Until it is, OUT can
+    hold old and new rows of the same image; ``REPLACE_FILE`` says which shards are the old ones.
+    """
+    staging = storage.join(final, OVERWRITE_DIR)
+    plan_uri = storage.join(staging, REPLACE_FILE)
+    if not storage.exists(plan_uri):
+        return
+    held.check()
+    plan = storage.read_json(plan_uri)
+    log.info("caption: replacing the %d shard(s) of %s with the %d new one(s)", len(plan["old"]), final,
+             len(plan["new"]))
+    for name in plan["new"]:
+        storage.move(storage.join(staging, name), storage.join(final, name))
+    for name in plan["old"]:
+        storage.delete_file(storage.join(final, name))
+    for name in plan["markers"]:  # which input shards were read whole: the new run's word replaces the old
+        storage.move(storage.join(staging, SHARDS_DIR, name), storage.join(final, SHARDS_DIR, name))
+    for name in set(plan["old_markers"]) - set(plan["markers"]):
+        storage.delete_file(storage.join(final, SHARDS_DIR, name))
+    storage.delete_file(plan_uri)
+    storage.delete_dir(staging)
 
 
 @dataclass
@@ -162,7 +276,7 @@ def _plan_images(config: CaptionConfig, source: str, done: np.ndarray, *, listin
     total, skipped, units = write_listing(paths, done, listing, dedupe=source != "prefix",
                                           group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
     if total == 0:
-        storage.delete_dir(storage.parent(listing))
+        storage.delete_dir(listing)
         raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
     return _Plan(units=units if total > skipped else [], skipped=skipped, total=total, done=None,
                  input_line=f"{total} images", done_line=f"{skipped} already captioned, {total - skipped} to do")
@@ -240,9 +354,10 @@ def _validate_checkpoint(uri: str) -> dict:
 
 
 def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, run_id: str, image_size: int,
-         settings: dict, done: str | None) -> tuple[int, int, int, int]:
+         settings: dict, done: str | None, held: lease.Lease, retry_pass: int, retry_listing: str) -> ShardSink:
     """Caption the listed paths (or, with ``done``, the listed input shards) into shards in ``output``;
-    returns (ok, errors, retryable, shards)."""
+    returns the sink, which counts what was written (``ok``, ``errors``, ``shards``) and what is to be
+    retried (``retryable`` images, in ``retry_units`` of ``retry_listing``)."""
     import ray
 
     from capray.runtime import ensure_ray, local_machine, map_with_retries, wait_for_resources
@@ -255,7 +370,9 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="caption")
     columns = tuple(settings["columns"])
     sink = ShardSink(output, run_id=run_id, metadata=shard_metadata(settings), rows_per_shard=config.rows_per_shard,
-                     columns=columns)
+                     columns=columns, retry_pass=retry_pass, retry_listing=retry_listing,
+                     retry_group_rows=_decode_rows(config.batch_size, config.rows_per_shard),
+                     lease=(held.uri, held.token))
     # One block per unit (up to MAX_BLOCKS), so decode tasks spread over the nodes as they join. Ray's
     # file readers are not used: their listing task takes a whole CPU, which the captioners hold on a
     # small machine.
@@ -279,7 +396,8 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
                         batch_format="numpy", **plan.remote_args())
     ds.write_datasink(sink, ray_remote_args={"num_cpus": write_cpus})
     log.debug("caption: Ray Data stats:\n%s", ds.stats())
-    return sink.ok, sink.errors, sink.retryable, sink.shards
+    held.check()
+    return sink
 
 
 def plan_resources(config: CaptionConfig, *, machine: Machine | None) -> tuple[ActorPlan, float, float]:
@@ -395,6 +513,9 @@ class Captioner:
     def __init__(self, checkpoint: str, *, beam_size: int, max_length: int, threads: int, use_gpu: bool,
                  warmup_batch: int = 0):
         self._model_thread = ModelThread()
+        self.max_batch = 0
+        """Most images per forward pass: 0 (any) until an out-of-memory error halves it."""
+        self.halved = False
         self._model_thread.run(self._load, checkpoint, threads=threads, use_gpu=use_gpu)
         self.beam_size, self.max_length = beam_size, max_length
         if warmup_batch:  # kernels are picked per shape on the first call: pay that before the first real batch
@@ -436,8 +557,40 @@ class Captioner:
         }, schema=caption_schema(tuple(kept)).insert(len(CAPTION_SCHEMA), pa.field(RETRY, pa.bool_())))
 
     def caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """uint8 (B, H, W, 3) → B captions and their mean log-probability per token."""
-        return self._model_thread.run(self._caption, images)
+        """uint8 (B, H, W, 3) → B captions and their mean log-probability per token.
+
+        Runs in slices of ``max_batch`` images. On out-of-memory the slice size is halved for the rest
+        of the actor's life (warned once) and the slice is redone, down to one image. One image that
+        still does not fit raises: every image is resized to the same input, so none would fit, and
+        error rows would mark them all done.
+        """
+        return self._model_thread.run(self._caption_in_slices, images)
+
+    def _caption_in_slices(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
+        import torch
+
+        texts: list[str] = []
+        scores: list[np.ndarray] = []
+        start = 0
+        while start < len(images):
+            size = min(self.max_batch or len(images), len(images) - start)
+            try:
+                part_texts, part_scores = self._caption(images[start:start + size])
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.max_batch = size // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                (log.debug if self.halved else log.warning)(
+                    "caption: out of GPU memory with a batch of %d images; going on with batches of %d%s", size,
+                    self.max_batch, "" if self.halved else " (further halvings are logged at debug level)")
+                self.halved = True
+                continue
+            texts += part_texts
+            scores.append(part_scores)
+            start += size
+        return texts, np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
     def _caption(self, images: np.ndarray) -> tuple[list[str], np.ndarray]:
         import torch

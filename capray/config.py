@@ -371,7 +371,8 @@ class CaptionConfig:
     max_length: int = 20
     """Most words per caption (``<end>`` included)."""
     overwrite: bool = False
-    """Delete the shards already in ``out`` and caption everything again."""
+    """Caption everything again and replace the shards already in ``out`` once the new run has finished
+    (until then the old output stays whole; a re-run with --overwrite resumes the replacement)."""
     retry_errors: bool = False
     """Caption again every image that has an error row in ``out`` (after the cause is fixed); its
     error row is replaced, so the output still holds one row per image."""
@@ -383,6 +384,12 @@ class CaptionConfig:
     key_column: str = ""
     """Parquet input: the column that names a sample (default: key, id or image_id, else the row number);
     a row's ``path`` is ``FILE#KEY``. WebDataset samples are named ``SHARD.tar#KEY`` by their key."""
+    retry_window_s: float = 300.0
+    """Seconds the run goes on retrying, with growing pauses, the images whose reads failed for a
+    transient reason (throttling, timeouts) once the rest is done; then it gives up (exit 1). 0: no retry."""
+    lease_timeout_s: float = 600.0
+    """Seconds without a heartbeat after which this run's hold on ``out`` counts as dead and another run
+    may take it over (a run that died on this host is taken over at once)."""
     keep_columns: tuple[str, ...] = ("key", "url")
     """WebDataset and Parquet input: fields carried into the output as text columns, to join captions
     back to the source (``key``: the sample's key; else a field of the sample's .json or a Parquet column;
@@ -394,7 +401,11 @@ class CaptionConfig:
                 raise ValueError(f"--{name} must not be empty")
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "batch_size", "max_length", "rows_per_shard")
-        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
+        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout",
+                      "retry_window_s")
+        if self.lease_timeout_s < 10:
+            raise ValueError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
+                             f"got {self.lease_timeout_s:g}")
         if self.overwrite and self.retry_errors:
             raise ValueError("--overwrite and --retry-errors exclude each other (--overwrite redoes everything)")
         _set(self, "extensions", tuple(dict.fromkeys(e.lower().lstrip(".") for e in _words(self.extensions))))

@@ -73,7 +73,8 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
     their samples are not listed up front, so this is what a sharded run has already done).
 
     With ``retry_errors`` the paths of error rows do not count as done. Removes the temporary files a
-    killed run may have left (a shard itself only ever appears whole). A shard that cannot be read is
+    killed run may have left (a shard itself only ever appears whole): the caller holds the output's
+    lease, so no live run is writing them. A shard that cannot be read is
     never deleted: a transient failure raises ``TransientStorageError`` (run again), anything else a
     ``ValueError``. Also raises ``ValueError`` if the shards were made with another checkpoint or settings.
     """

@@ -24,6 +24,7 @@ stream`` and is not retried; it is classed transient.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -273,22 +274,189 @@ def iter_lines(uri: str) -> Iterator[str]:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` so that it appears whole or not at all.
+    """Write ``data`` to ``uri`` so that it appears whole or not at all, and stays whole after a crash.
 
     An S3 object appears when its upload completes. A local file is written under a hidden temporary
-    name, ``.NAME.tmp-<8 hex digits>`` (which dataset readers skip, like every dot file), and renamed.
+    name, ``.NAME.tmp-<8 hex digits>`` (which dataset readers skip, like every dot file), flushed to
+    the disk (fsync), renamed, and the folder's entry is flushed too: without the two fsyncs a host
+    crash can leave the new name pointing at a truncated file.
     """
     fs, path = resolve(uri)
-    target = path if is_remote(uri) else os.path.join(
-        os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    if is_remote(uri):
+        try:
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as exc:
+            raise classified(f"cannot write {uri}", exc) from exc
+        return
     try:
-        fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
-        with fs.open_output_stream(target) as f:
-            f.write(data)
-        if target != path:
-            os.replace(target, path)
+        _write_local_durably(path, data, lambda temporary: os.replace(temporary, path))
     except OSError as exc:
         raise classified(f"cannot write {uri}", exc) from exc
+
+
+def _write_local_durably(path: str, data: bytes, publish) -> None:
+    """``data`` into a hidden temporary file beside ``path``, fsynced; ``publish(temporary)`` gives it its
+    name (a rename or a link); then the folder is fsynced. The temporary file never outlives the call."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(temporary)
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a folder's entries (a rename, a new link) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- conditional writes: a small file that one writer at a time may create, replace or delete ----------
+# S3 has them natively (PUT with If-None-Match: * or If-Match: <ETag>, DELETE with If-Match). A local
+# file's version is (inode, mtime, size); a replace or delete compares it under an exclusive flock on
+# a hidden ``.NAME.lock`` beside the file (never deleted), and a create hard-links a complete
+# temporary file to the name, which fails if the name exists. capray.lease builds on these.
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """The content of a small file and its version (the S3 ETag), or None if it does not exist."""
+    if is_remote(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _bucket_and_key(uri)
+        try:
+            answer = _s3_client().get_object(Bucket=bucket, Key=key)
+            return answer["Body"].read(), answer["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _classified_boto(f"cannot read {uri}", exc) from exc
+        except BotoCoreError as exc:
+            raise _classified_boto(f"cannot read {uri}", exc) from exc
+    path = resolve(uri)[1]
+    try:
+        with open(path, "rb") as f:
+            return f.read(), _local_version(os.fstat(f.fileno()))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise classified(f"cannot read {uri}", exc) from exc
+
+
+def create_new(uri: str, data: bytes) -> str | None:
+    """Create ``uri`` with ``data`` if it does not exist, atomically; its version, or None if it existed."""
+    if is_remote(uri):
+        return _put_if(uri, data, IfNoneMatch="*")
+    path = resolve(uri)[1]
+    try:
+        _write_local_durably(path, data, lambda temporary: os.link(temporary, path))
+        return _local_version(os.stat(path))
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise classified(f"cannot write {uri}", exc) from exc
+
+
+def replace_if(uri: str, data: bytes, version: str) -> str | None:
+    """Replace ``uri`` with ``data`` only if its version is still ``version``; the new version, or None
+    if the file changed or went away meanwhile."""
+    if is_remote(uri):
+        return _put_if(uri, data, IfMatch=version)
+    path = resolve(uri)[1]
+    try:
+        with _local_lock(path):
+            if _current_local_version(path) != version:
+                return None
+            _write_local_durably(path, data, lambda temporary: os.replace(temporary, path))
+            return _local_version(os.stat(path))
+    except OSError as exc:
+        raise classified(f"cannot write {uri}", exc) from exc
+
+
+def delete_if(uri: str, version: str) -> bool:
+    """Delete ``uri`` only if its version is still ``version``; whether it did."""
+    if is_remote(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _bucket_and_key(uri)
+        try:
+            _s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            return True
+        except ClientError as exc:
+            if _lost_condition(exc):
+                return False
+            raise _classified_boto(f"cannot delete {uri}", exc) from exc
+        except BotoCoreError as exc:
+            raise _classified_boto(f"cannot delete {uri}", exc) from exc
+    path = resolve(uri)[1]
+    try:
+        with _local_lock(path):
+            if _current_local_version(path) != version:
+                return False
+            os.unlink(path)
+        _fsync_dir(os.path.dirname(path))
+        return True
+    except OSError as exc:
+        raise classified(f"cannot delete {uri}", exc) from exc
+
+
+def _put_if(uri: str, data: bytes, **condition: str) -> str | None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_and_key(uri)
+    try:
+        return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    except ClientError as exc:
+        if _lost_condition(exc):
+            return None
+        raise _classified_boto(f"cannot write {uri}", exc) from exc
+    except BotoCoreError as exc:
+        raise _classified_boto(f"cannot write {uri}", exc) from exc
+
+
+def _lost_condition(exc) -> bool:
+    """412 (the condition failed), 409 (another conditional write to the key was in flight) or 404
+    (If-Match on a key that is gone): another writer won."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")
+
+
+def _local_version(info: os.stat_result) -> str:
+    return f"{info.st_ino}-{info.st_mtime_ns}-{info.st_size}"
+
+
+def _current_local_version(path: str) -> str | None:
+    try:
+        return _local_version(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on ``.NAME.lock`` beside ``path``, held for the ``with`` block."""
+    import fcntl
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, f".{os.path.basename(path)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_text(uri: str) -> str:
@@ -405,6 +573,26 @@ def list_dirs(uri: str) -> list[str]:
     except OSError as exc:
         raise classified(f"cannot list {uri}", exc) from exc
     return sorted(to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
+def move(source: str, target: str) -> None:
+    """Move a file within one store (S3: a server-side copy, then a delete). A move that was already
+    done (``source`` gone, ``target`` there) does nothing, so an interrupted series of moves can be repeated."""
+    fs, path = resolve(source)
+    _, target_path = resolve(target)
+    if _info(fs, path, source).type != pafs.FileType.File and exists(target):
+        return
+    try:
+        if is_remote(source):
+            fs.move(path, target_path)
+        else:
+            os.makedirs(os.path.dirname(target_path), exist_ok=True)
+            os.replace(path, target_path)
+            _fsync_dir(os.path.dirname(target_path))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{source}: no such file") from exc
+    except OSError as exc:
+        raise classified(f"cannot move {source} to {target}", exc) from exc
 
 
 def delete_dir(uri: str) -> None:

@@ -439,7 +439,8 @@ def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucke
     # 3 attempts per request (the AWS SDKs' variable) so that giving up takes seconds, not a minute.
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "3", "CAPRAY_LOG_LEVEL": "ERROR"}
     command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
-               "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3"]
+               "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3",
+               "--retry-window-s", "0"]  # no retries within the run: it gives up at once
 
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -506,3 +507,230 @@ def test_the_listing_holds_each_path_once_and_skips_what_is_done(tmp_path, monke
     listed = [p for uri in sorted({u for u, _ in units}) for p in pq.read_table(uri).column("path").to_pylist()]
     assert (total, skipped) == (10, 2)
     assert sorted(listed) == sorted(paths[:8])
+
+
+# --- one owner per output, --overwrite that replaces only when done, in-run retries, GPU memory -----------
+
+def _caption_command(s3_bucket: str, output: str, checkpoint: str, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in", "--out", output,
+            "--checkpoint", checkpoint, "--batch-size", "2", "--max-length", "3", "--rows-per-shard", "2", *flags]
+
+
+def _stuck_caption_job(s3_bucket: str, output: str, checkpoint: str, faulty_s3, env: dict,
+                       *flags: str) -> tuple[subprocess.Popen, dict]:
+    """``jobs/caption.py`` as a subprocess in its own session (so it can be killed whole) that stays alive:
+    one image is throttled for good, so once the rest is written the run keeps retrying it."""
+    faulty_s3.configure(FaultPlan(get_keys=keys(["in/img 00.jpg"]), get_failures=ALWAYS))
+    env = {**env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "1"}
+    command = _caption_command(s3_bucket, output, checkpoint, "--retry-window-s", "600", *flags)
+    return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE), env
+
+
+def _kill_job(job: subprocess.Popen, env: dict) -> None:
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    _kill_processes_mentioning(env["RAY_TMPDIR"])
+
+
+def _wait_for(condition, job: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and job.poll() is None and not condition():
+        time.sleep(0.2)
+    assert job.poll() is None, f"the job ended too early: {job.stderr.read().decode()[-2000:]}"
+    assert condition(), "timed out"
+
+
+def test_a_second_run_into_a_held_output_is_refused_and_a_dead_owner_is_taken_over(
+        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
+    names = [f"img {i:02d}.jpg" for i in range(16)]
+    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
+    output = tmp_path / "out"
+    first, env = _stuck_caption_job(s3_bucket, str(output), checkpoint, faulty_s3, job_env)
+    try:
+        _wait_for(lambda: len(shard_names(str(output))) >= 1, first)
+        owner = json.loads((output / "_lease.json").read_text())
+        assert owner["pid"] == first.pid
+        listing = output / "_listing" / owner["run_id"]
+        assert listing.is_dir()
+
+        second = subprocess.run(_caption_command(s3_bucket, str(output), checkpoint),  # the same command
+                                env={**env, "CAPRAY_LOG_LEVEL": "INFO"}, capture_output=True, text=True, timeout=120)
+
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is in use by caption run {owner['run_id']}" in lines[0], second.stderr
+        assert first.poll() is None and listing.is_dir()  # the refused run deleted nothing of the live one
+    finally:
+        _kill_job(first, env)  # the owner dies: its lease stays, stale at once (its process on this host is gone)
+    faulty_s3.heal()
+    before = read_output(str(output)).column("path").to_pylist()
+    assert 1 <= len(before) < len(names)
+
+    summary = caption(CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint,
+                                    batch_size=2, max_length=3, rows_per_shard=2))
+
+    paths = read_output(str(output)).column("path").to_pylist()
+    assert sorted(paths) == sorted(f"{s3_bucket}/in/{n}" for n in names)  # one row per image
+    assert (summary.skipped, summary.ok) == (len(before), len(names) - len(before))
+    assert not (output / "_lease.json").exists() and not (output / "_listing").exists()
+
+
+def test_a_killed_overwrite_leaves_the_old_output_whole_and_a_rerun_replaces_it_once(
+        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
+    names = [f"img {i:02d}.jpg" for i in range(16)]
+    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
+    output = tmp_path / "out"
+    config = CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=2,
+                           max_length=3, rows_per_shard=2)
+    caption(config)
+    old_shards, old_rows = shard_names(str(output)), read_output(str(output)).to_pylist()
+    old_summary = (output / SUMMARY_FILE).read_text()
+    job, env = _stuck_caption_job(s3_bucket, str(output), checkpoint, faulty_s3, job_env, "--overwrite")
+    try:
+        _wait_for(lambda: len(shard_names(str(output / "_overwrite"))) >= 2, job)  # new shards are out
+        while_running = sorted(read_output(str(output)).to_pylist(), key=lambda r: r["path"])
+    finally:
+        _kill_job(job, env)
+    faulty_s3.heal()
+
+    by_path = lambda rows: sorted(rows, key=lambda r: r["path"])  # noqa: E731
+    assert while_running == by_path(old_rows)  # readers saw the old output, whole, while it ran
+    assert shard_names(str(output)) == old_shards and by_path(read_output(str(output)).to_pylist()) == by_path(old_rows)
+    assert (output / SUMMARY_FILE).read_text() == old_summary
+    staged = shard_names(str(output / "_overwrite"))
+    assert staged
+
+    summary = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
+
+    rows = read_output(str(output)).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{n}" for n in names)  # exactly once each
+    assert not set(shard_names(str(output))) & set(old_shards) and set(staged) <= set(shard_names(str(output)))
+    assert summary.skipped > 0 and summary.skipped + summary.ok == len(names)  # resumed, not redone
+    assert not (output / "_overwrite").exists() and not (output / "_lease.json").exists()
+    assert storage.read_json(str(output / SUMMARY_FILE))["run_id"] == summary.run_id
+
+
+def test_a_store_throttled_for_a_while_is_retried_within_the_run(s3_bucket, checkpoint, job_env, faulty_s3):
+    """Reads that fail past the client's attempts are tried again after a pause: one run, exit 0."""
+    images = {f"img-{i:02d}.png": _encode(Image.fromarray(_rgb(seed=i)), "PNG") for i in range(8)}
+    put_objects(s3_bucket, "in", images)
+    throttled = [f"in/img-{i:02d}.png" for i in range(3)]
+    # 2 attempts per read: the first pass gives up on them; the store heals after 3 GETs of each.
+    faulty_s3.configure(FaultPlan(get_keys=keys(throttled), get_failures=3))
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "2", "CAPRAY_LOG_LEVEL": "WARNING"}
+    command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
+               "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3",
+               "--retry-window-s", "120"]
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "retrying them in" in result.stderr
+    assert faulty_s3.counts["injected"] == 3 * len(throttled)
+    rows = read_output(f"{s3_bucket}/out").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{k}" for k in images)
+    assert all(r["caption"] and r["error"] is None for r in rows)
+    summary = storage.read_json(f"{s3_bucket}/out/{SUMMARY_FILE}")
+    assert (summary["ok"], summary["retryable"]) == (len(images), 0)
+
+
+def _decoded_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(images)
+    return {"path": np.array([f"/img-{i}.png" for i in range(n)], dtype=object), "image": images,
+            "width": np.full(n, SIZE, dtype=np.int32), "height": np.full(n, SIZE, dtype=np.int32),
+            "error": np.full(n, "", dtype=object), "retry": np.zeros(n, dtype=bool)}
+
+
+def _small_card(captioner, fits: int, calls: list[int]) -> None:
+    """A test double of the model's forward: the beam search raises CUDA's out-of-memory error for
+    batches of more than ``fits`` images, as a card too small for the batch does."""
+    search = captioner.decoder.beam_search
+
+    def forward(features, **kwargs):
+        calls.append(len(features))
+        if len(features) > fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(features)} images")
+        return search(features, **kwargs)
+
+    captioner.decoder.beam_search = forward
+
+
+def test_out_of_memory_halves_the_batch_and_every_image_gets_its_caption(checkpoint, caplog):
+    from capray.captioning import Captioner
+
+    images = np.stack([_rgb(seed=i) for i in range(8)])
+    reference = Captioner(checkpoint, beam_size=2, max_length=3, threads=1, use_gpu=False)(_decoded_batch(images))
+    captioner = Captioner(checkpoint, beam_size=2, max_length=3, threads=1, use_gpu=False)
+    calls: list[int] = []
+    _small_card(captioner, 2, calls)
+
+    with caplog.at_level("WARNING", logger="capray.captioning"):
+        first = captioner(_decoded_batch(images))
+        second = captioner(_decoded_batch(images))
+
+    assert calls == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # halved twice, then batches of 2 from the start
+    for table in (first, second):
+        assert table.column("caption").to_pylist() == reference.column("caption").to_pylist()
+        assert np.allclose(table.column("score").to_numpy(), reference.column("score").to_numpy(), atol=1e-4)
+    warnings = [r for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert len(warnings) == 1 and "batch of 8 images" in warnings[0].getMessage()
+
+
+def test_out_of_memory_with_one_image_fails_instead_of_writing_error_rows(checkpoint):
+    from capray.captioning import Captioner
+
+    captioner = Captioner(checkpoint, beam_size=2, max_length=3, threads=1, use_gpu=False)
+    calls: list[int] = []
+    _small_card(captioner, 0, calls)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        captioner(_decoded_batch(np.stack([_rgb(seed=i) for i in range(4)])))
+    assert calls == [4, 2, 1]
+
+
+def test_a_replacement_killed_halfway_is_finished_by_the_next_run_and_can_be_repeated(tmp_path):
+    """``_overwrite/_replace.json`` lists the old and new shards; replaying it, twice, leaves only the new."""
+    from capray import lease
+    from capray.captioning import REPLACE_FILE, _finish_replacement
+
+    output = tmp_path / "out"
+    old = ["part-20260101T000000-aaaaaa-000000.parquet", "part-20260101T000000-aaaaaa-000001.parquet"]
+    new = ["part-20260202T000000-bbbbbb-000000.parquet", "part-20260202T000000-bbbbbb-r1-000003.parquet"]
+    for name in old:
+        write_parquet(str(output / name), pa.table({"path": [f"old {name}"]}))
+    for name in new:
+        write_parquet(str(output / "_overwrite" / name), pa.table({"path": [f"new {name}"]}))
+    storage.write_json(str(output / "_overwrite" / REPLACE_FILE), {"old": old, "new": new, "markers": [],
+                                                                     "old_markers": []})
+    storage.move(str(output / "_overwrite" / new[0]), str(output / new[0]))  # killed after its first move
+    storage.delete_file(str(output / old[1]))  # ... or after one delete
+
+    with lease.acquire(str(output), run_id="next") as held:
+        _finish_replacement(str(output), held)
+        _finish_replacement(str(output), held)  # nothing left to do: a no-op
+
+    assert shard_names(str(output)) == sorted(new)
+    assert sorted(read_output(str(output)).column("path").to_pylist()) == sorted(f"new {n}" for n in new)
+    assert not (output / "_overwrite").exists()
+
+
+def test_an_overwrite_that_could_not_read_everything_does_not_replace_the_old_output(
+        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
+    names = [f"img {i:02d}.jpg" for i in range(6)]
+    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
+    output = tmp_path / "out"
+    caption(CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=2,
+                          max_length=3, rows_per_shard=2))
+    old_shards, old_summary = shard_names(str(output)), (output / SUMMARY_FILE).read_text()
+    faulty_s3.configure(FaultPlan(get_keys=keys(["in/img 00.jpg"]), get_failures=ALWAYS))
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "1"}
+
+    result = subprocess.run(_caption_command(s3_bucket, str(output), checkpoint, "--overwrite", "--retry-window-s", "0"),
+                            env=env, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert shard_names(str(output)) == old_shards and (output / SUMMARY_FILE).read_text() == old_summary
+    staged = read_output(str(output / "_overwrite")).column("path").to_pylist()
+    assert sorted(staged) == sorted(f"{s3_bucket}/in/{n}" for n in names[1:])  # waits for the same command again

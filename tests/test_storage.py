@@ -69,6 +69,67 @@ def test_local_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.txt"]
 
 
+def test_local_write_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A host crash cannot be simulated here: record what os.fsync is called on, and when."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "shard.parquet"
+    data = os.urandom(1 << 20)
+
+    storage.write_bytes(str(target), data)
+
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert os.path.basename(events[0][1]).startswith(".shard.parquet.tmp-")  # the file's content, before its name
+    assert events[1][1] == str(target) and events[2][1] == str(tmp_path)  # then the folder's entry
+    assert target.read_bytes() == data and os.listdir(tmp_path) == ["shard.parquet"]
+
+
+def test_a_failed_local_write_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "f.txt"
+    storage.write_text(str(target), "old and whole")
+
+    def fail(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(StorageError):
+        storage.write_text(str(target), "new")
+    assert target.read_text() == "old and whole" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_conditional_writes_create_once_and_swap_only_the_version_read(root):
+    uri = storage.join(root, "lease.json")
+    first = storage.create_new(uri, b"one")
+    assert first is not None and storage.create_new(uri, b"two") is None
+    assert storage.read_versioned(uri) == (b"one", first)
+    second = storage.replace_if(uri, b"three", first)
+    assert second is not None and second != first
+    assert storage.replace_if(uri, b"four", first) is None  # a stale version loses
+    assert not storage.delete_if(uri, first)
+    assert storage.read_bytes(uri) == b"three"
+    assert storage.delete_if(uri, second) and storage.read_versioned(uri) is None
+    assert storage.replace_if(uri, b"five", second) is None  # gone: nothing to swap
+
+
+def test_move_is_repeatable(root):
+    source, target = storage.join(root, "a", "x.bin"), storage.join(root, "b", "x.bin")
+    storage.write_bytes(source, b"payload")
+    storage.move(source, target)
+    storage.move(source, target)  # already done: nothing happens
+    assert not storage.exists(source) and storage.read_bytes(target) == b"payload"
+
+
 def test_file_uri_is_a_local_path(tmp_path):
     storage.write_text(f"file://{tmp_path}/a.txt", "hello")
     assert (tmp_path / "a.txt").read_text() == "hello"
