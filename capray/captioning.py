@@ -51,6 +51,7 @@ from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, 
 from capray.images import ImageDecodeError, decode_image
 from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
                             finished_paths, input_kind, input_paths, write_listing, write_marker)
+from capray.progress import Progress, report
 from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
 from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
 
@@ -155,7 +156,8 @@ def _caption_holding(config: CaptionConfig, held: lease.Lease, *, started: float
     while units:
         result = _run(config, units=units, output=output, run_id=run_id, image_size=image_size,
                       settings=settings, done=plan.done if retry_pass == 0 else None, held=held, retry_pass=retry_pass,
-                      retry_listing=storage.join(listing, f"retry-{retry_pass + 1}"))
+                      retry_listing=storage.join(listing, f"retry-{retry_pass + 1}"),
+                      progress=(plan.total, plan.skipped) if retry_pass == 0 else (retryable, 0))
         ok, errors, written = ok + result.ok, errors + result.errors, written + result.shards
         retryable, units = result.retryable, result.retry_units
         if not units:
@@ -354,10 +356,12 @@ def _validate_checkpoint(uri: str) -> dict:
 
 
 def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, run_id: str, image_size: int,
-         settings: dict, done: str | None, held: lease.Lease, retry_pass: int, retry_listing: str) -> ShardSink:
+         settings: dict, done: str | None, held: lease.Lease, retry_pass: int, retry_listing: str,
+         progress: tuple[int | None, int]) -> ShardSink:
     """Caption the listed paths (or, with ``done``, the listed input shards) into shards in ``output``;
     returns the sink, which counts what was written (``ok``, ``errors``, ``shards``) and what is to be
-    retried (``retryable`` images, in ``retry_units`` of ``retry_listing``)."""
+    retried (``retryable`` images, in ``retry_units`` of ``retry_listing``). ``progress``: (images in
+    all, None if unknown until the shards are read; images done before) for the progress lines."""
     import ray
 
     from capray.runtime import ensure_ray, local_machine, map_with_retries, wait_for_resources
@@ -388,13 +392,17 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
             "key_column": config.key_column, "columns": columns}
     ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
-    ds = ds.map_batches(Captioner, fn_constructor_kwargs={
-                            "checkpoint": settings["checkpoint"], "beam_size": config.beam_size,
-                            "max_length": config.max_length, "threads": plan.threads,
-                            "use_gpu": plan.num_gpus > 0, "warmup_batch": config.batch_size},
-                        compute=plan.strategy(), batch_size=config.batch_size,
-                        batch_format="numpy", **plan.remote_args())
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": write_cpus})
+    what = f"caption (retry pass {retry_pass})" if retry_pass else "caption"
+    total, done_before = progress
+    with Progress(what, total=total, every_s=config.progress_s, done_before=done_before) as progress:
+        ds = ds.map_batches(Captioner, fn_constructor_kwargs={
+                                "checkpoint": settings["checkpoint"], "beam_size": config.beam_size,
+                                "max_length": config.max_length, "threads": plan.threads,
+                                "use_gpu": plan.num_gpus > 0, "warmup_batch": config.batch_size,
+                                "progress": progress.counter},
+                            compute=plan.strategy(), batch_size=config.batch_size,
+                            batch_format="numpy", **plan.remote_args())
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": write_cpus})
     log.debug("caption: Ray Data stats:\n%s", ds.stats())
     held.check()
     return sink
@@ -511,8 +519,10 @@ class Captioner:
     """
 
     def __init__(self, checkpoint: str, *, beam_size: int, max_length: int, threads: int, use_gpu: bool,
-                 warmup_batch: int = 0):
+                 warmup_batch: int = 0, progress=None):
+        """``progress``: a ``capray.progress`` counter that each batch's finished images are added to."""
         self._model_thread = ModelThread()
+        self.progress = progress
         self.max_batch = 0
         """Most images per forward pass: 0 (any) until an out-of-memory error halves it."""
         self.halved = False
@@ -545,6 +555,8 @@ class Captioner:
                 captions[i] = text
             scores[ok] = values
         kept = [c for c in batch if c not in _DECODED]  # the source's kept columns (sharded input)
+        unread = np.asarray(batch[RETRY], dtype=bool)  # not done: the run reads them again
+        report(self.progress, int((~unread).sum()), errors=int((~ok & ~unread).sum()))
         return pa.table({
             PATH: pa.array([str(p) for p in batch[PATH]], pa.string()),
             CAPTION: pa.array(captions, pa.string()),

@@ -390,6 +390,8 @@ class CaptionConfig:
     lease_timeout_s: float = 600.0
     """Seconds without a heartbeat after which this run's hold on ``out`` counts as dead and another run
     may take it over (a run that died on this host is taken over at once)."""
+    progress_s: float = 30.0
+    """Seconds between two progress lines (images done / total, images/s, error rows, ETA); at least 1."""
     keep_columns: tuple[str, ...] = ("key", "url")
     """WebDataset and Parquet input: fields carried into the output as text columns, to join captions
     back to the source (``key``: the sample's key; else a field of the sample's .json or a Parquet column;
@@ -403,6 +405,8 @@ class CaptionConfig:
         _at_least_one(self, "beam_size", "batch_size", "max_length", "rows_per_shard")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout",
                       "retry_window_s")
+        if self.progress_s < 1:
+            raise ValueError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.lease_timeout_s < 10:
             raise ValueError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
                              f"got {self.lease_timeout_s:g}")

@@ -22,8 +22,11 @@ from capray.formats import CAPTION_SCHEMA, ERROR, PATH
 
 SHARD_PREFIX = "part-"
 """Caption shards are ``OUT/part-<run id>-<write task>.parquet``."""
-SHARD_NAME = re.compile(r"part-(\d{8}T\d{6}-[0-9a-f]{6})-(?:r\d+-)?\d{6}\.parquet")
-"""A caption shard's name; group 1 is the run id."""
+SHARD_NAME = re.compile(r"part-(\d{8}T\d{6}-[0-9a-f]{6})-(?:r\d+-)?\d{6,}\.parquet")
+"""A caption shard's name; group 1 is the run id. Any index of 6 or more digits is one (outputs written
+before 0.2 have 6), so resume and ``--overwrite`` find the shards of a run of any size."""
+TASK_DIGITS = 10
+"""The write task's index is zero-padded to 10 digits: names sort by task up to 10^10 tasks."""
 TEMPORARY_NAME = re.compile(r"\.part-.*\.parquet\.tmp-[0-9a-f]{8}")
 META_PREFIX = "capray."
 """Parquet key-value metadata of a shard: ``capray.checkpoint``, ``capray.beam_size``, ..."""
@@ -102,14 +105,14 @@ class ShardSink(Datasink):
             check_owner(*self.lease)
         units = []
         if len(retry_paths):
-            uri = storage.join(self.retry_listing, f"paths-{ctx.task_idx:06d}.parquet")  # a retried task: the same
+            uri = storage.join(self.retry_listing, f"paths-{ctx.task_idx:0{TASK_DIGITS}d}.parquet")  # a retried task: the same
             write_parquet(uri, pa.table({PATH: retry_paths}), row_group_size=self.retry_group_rows)
             units = [(uri, g) for g in range((len(retry_paths) + self.retry_group_rows - 1) // self.retry_group_rows)]
         if not tables:
             return {"rows": 0, "errors": 0, "retryable": len(retry_paths), "shards": 0, "retry_units": units}
         table = pa.concat_tables(tables)
         run_pass = f"r{self.retry_pass}-" if self.retry_pass else ""
-        name = f"{SHARD_PREFIX}{self.run_id}-{run_pass}{ctx.task_idx:06d}.parquet"
+        name = f"{SHARD_PREFIX}{self.run_id}-{run_pass}{ctx.task_idx:0{TASK_DIGITS}d}.parquet"
         write_parquet(storage.join(self.output, name), table)
         return {"rows": table.num_rows, "errors": table.num_rows - table.column(ERROR).null_count,
                 "retryable": len(retry_paths), "shards": 1, "retry_units": units}

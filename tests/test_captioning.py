@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -619,15 +621,18 @@ def test_a_store_throttled_for_a_while_is_retried_within_the_run(s3_bucket, chec
     throttled = [f"in/img-{i:02d}.png" for i in range(3)]
     # 2 attempts per read: the first pass gives up on them; the store heals after 3 GETs of each.
     faulty_s3.configure(FaultPlan(get_keys=keys(throttled), get_failures=3))
-    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "2", "CAPRAY_LOG_LEVEL": "WARNING"}
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "2", "CAPRAY_LOG_LEVEL": "INFO"}
     command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
                "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3",
-               "--retry-window-s", "120"]
+               "--retry-window-s", "120", "--progress-s", "1"]
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "retrying them in" in result.stderr
+    # Progress reaches a console that is no TTY (as in `ray job logs`), without --verbose, per pass.
+    assert re.search(r"capray\.progress: caption: \d+/8 images", result.stderr), result.stderr[-3000:]
+    assert re.search(r"capray\.progress: caption \(retry pass 1\): \d+/3 images", result.stderr), result.stderr[-3000:]
     assert faulty_s3.counts["injected"] == 3 * len(throttled)
     rows = read_output(f"{s3_bucket}/out").to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{k}" for k in images)
@@ -734,3 +739,52 @@ def test_an_overwrite_that_could_not_read_everything_does_not_replace_the_old_ou
     assert shard_names(str(output)) == old_shards and (output / SUMMARY_FILE).read_text() == old_summary
     staged = read_output(str(output / "_overwrite")).column("path").to_pylist()
     assert sorted(staged) == sorted(f"{s3_bucket}/in/{n}" for n in names[1:])  # waits for the same command again
+
+
+# --- progress lines and shard names at any scale --------------------------------------------------------
+
+def test_a_run_logs_progress_lines_at_the_configured_cadence(ray_local, tmp_path, checkpoint, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(48):
+        Image.fromarray(_rgb(seed=i)).save(images / f"img-{i:02d}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    config = CaptionConfig(input=str(images), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=1,
+                           max_length=12, rows_per_shard=8, progress_s=1.0)
+    caplog.set_level(logging.INFO, logger="capray.progress")
+
+    started = time.monotonic()
+    summary = caption(config)
+    elapsed = time.monotonic() - started
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "capray.progress"]
+    assert lines and len(lines) <= elapsed + 1, (elapsed, lines)  # one a second at most, from the first second
+    parsed = [re.fullmatch(r"caption: (\d+)/49 images \([\d.]+%\), (?:[\d,.]+|-) images/s, (\d) error rows, "
+                           r"ETA .+", line) for line in lines]
+    assert all(parsed), lines
+    done = [int(m.group(1)) for m in parsed]
+    assert done == sorted(done) and done[-1] <= 49 and summary.ok + summary.errors == 49
+
+
+def test_shards_past_a_six_digit_task_index_are_found_by_resume_and_overwrite(ray_local, tmp_path, checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(_rgb(seed=i)).save(images / f"img-{i}.png")
+    config = CaptionConfig(input=str(images), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=2,
+                           max_length=3)
+    caption(config)
+    (shard,) = shard_names(config.out)
+    run_id = shard[len("part-"):len("part-") + 22]
+    assert re.fullmatch(rf"part-{run_id}-\d{{10}}\.parquet", shard)  # names sort by task at any count
+    for name in (f"part-{run_id}-1234567.parquet", f"part-{run_id}-123456789012.parquet"):  # past 10^6 tasks
+        os.rename(os.path.join(config.out, shard), os.path.join(config.out, name))
+        assert shard_names(config.out) == [name]
+
+        resumed = caption(config)
+
+        assert (resumed.skipped, resumed.ok) == (4, 0)  # seen: nothing captioned twice
+        shard = name
+    replaced = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
+    assert replaced.ok == 4 and shard not in shard_names(config.out)  # seen: replaced, not kept beside
+    assert len(read_output(config.out)) == 4
