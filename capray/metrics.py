@@ -4,6 +4,9 @@ The COCO evaluation tokenises with Stanford's PTBTokenizer, which needs Java. We
 ``capray.vocab.tokenize`` instead (the same words the model is trained on), so the scores are close
 to, but not identical with, the official server's. Only pycocoevalcap's tokenizer, METEOR and SPICE
 need Java; the three scorers used here are pure Python.
+
+Attention grounding (``attention_grounding``) asks whether the decoder looked at the object a word
+names, on datasets with ground-truth boxes (the shapes world).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from capray import storage
 from capray.annotations import read_annotations
 from capray.checkpoint import load_checkpoint, model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
-from capray.evaluation import EvaluateConfig, evaluate, image_size, relative_boxes
+from capray.evaluation import EvaluateConfig, evaluate, image_size, print_metrics, relative_boxes
 from capray.formats import CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, PREPARE_FILE, RESULTS_FILE, TOKENS
 from capray.formats import feature_schema
 from capray.images import decode_image
@@ -92,6 +92,15 @@ def test_boxes_become_fractions_of_the_oriented_source_image(tmp_path):
     rotated.save(jpeg, exif=exif)
     assert image_size(str(jpeg)) == (100, 200)
     assert decode_image(jpeg.read_bytes(), 8)[1:] == (100, 200)  # the same size decode_image reports
+
+
+def test_printed_metrics_carry_the_grounding_line_with_its_chance_level(capsys):
+    metrics = {"split": "test", "num_images": 2, "beam_size": 3, "bleu4": 0.5, "attention_grounding": 0.61,
+               "attention_grounding_chance": 0.12, "attention_grounding_words": 9}
+    print_metrics(metrics)
+    assert "attention grounding 0.610 (chance 0.120, 9 colour/shape words)" in capsys.readouterr().out
+    print_metrics({k: v for k, v in metrics.items() if not k.startswith("attention")})
+    assert "grounding" not in capsys.readouterr().out  # no ground truth: no line
 
 
 # --- a small shapes-world feature dataset and checkpoint -------------------------------------------------
