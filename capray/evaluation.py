@@ -5,7 +5,6 @@ import io
 import logging
 import math
 import time
-
 from collections.abc import Iterator
 
 import numpy as np
@@ -190,11 +189,16 @@ class BeamSearcher:
         sums = np.zeros((len(ids), 3))  # grounding mass, chance, words counted
         for row, (image_id, image) in enumerate(zip(ids, images)):
             objects = self.objects.get(image_id)
-            if objects:
-                length = int(decoded.lengths[row])
-                words = [self.vocab.words[t] for t in tokens[row, :length].tolist()]
-                sums[row] = attention_grounding(words, decoded.attention[row, :length].float().cpu().numpy(),
-                                                relative_boxes(objects, image))
+            if not objects:
+                continue
+            try:
+                boxes = relative_boxes(objects, image)
+            except (OSError, ValueError) as exc:  # the image is gone or unreadable: its caption still counts
+                log.warning("evaluate: no attention grounding for %s (%s)", image_id, " ".join(str(exc).split())[:200])
+                continue
+            length = int(decoded.lengths[row])
+            words = [self.vocab.words[t] for t in tokens[row, :length].tolist()]
+            sums[row] = attention_grounding(words, decoded.attention[row, :length].float().cpu().numpy(), boxes)
         return pa.table({
             IMAGE_ID: pa.array(ids, pa.string()),
             CAPTION: pa.array([self.vocab.decode(t) for t in tokens.tolist()], pa.string()),
@@ -242,7 +246,7 @@ def image_size(uri: str) -> tuple[int, int]:
         source = fs.open_input_file(path)
     with source, Image.open(source) as image:
         width, height = image.size
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # rotated by 90°, as decode_image sees it
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by 90°, as decode_image does
             width, height = height, width
     return width, height
 
@@ -259,8 +263,9 @@ def print_metrics(metrics: dict) -> None:
 
 def grounding_line(metrics: dict) -> str:
     """One line on attention grounding: the measured share, its chance level, and over how many words."""
-    return (f"attention grounding {metrics['attention_grounding']:.3f} (chance {metrics['attention_grounding_chance']:.3f}, "
-            f"{metrics['attention_grounding_words']} colour/shape words): attention mass inside the named object's box")
+    return (f"attention grounding {metrics['attention_grounding']:.3f} "
+            f"(chance {metrics['attention_grounding_chance']:.3f}, {metrics['attention_grounding_words']} colour/shape "
+            "words): attention mass inside the named object's box")
 
 
 def attend(checkpoint: str, image: str, out: str, *, beam_size: int = 3, max_length: int = 20) -> list[str]:
