@@ -441,11 +441,23 @@ class EvaluateConfig:
     """Longest caption generated."""
     batch_size: int = 128
     """Images decoded together."""
+    actors: int = 0
+    """A fixed number of beam-search actors; 0 lets the pool scale (on a cluster: from 1 up to
+    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
+    max_actors: int = 0
+    """Most beam-search actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor; 0 searches on CPU."""
+    cpus_per_actor: float = 0.0
+    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    wait_timeout: float = 600.0
+    """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
 
     def __post_init__(self):
         for name in ("checkpoint", "features", "out"):
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "max_length", "batch_size")
+        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
         if self.split not in SPLITS:
             raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 

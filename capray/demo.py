@@ -129,6 +129,10 @@ def _print_report(*, preset, prepared, trained, captioned, metrics, times, paths
     print("\nheld-out test split (beam 3):")
     names = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "object_accuracy")
     print("  " + "  ".join(f"{n} {metrics[n]:.3f}" for n in names if n in metrics))
+    if "attention_grounding" in metrics:
+        from capray.evaluation import grounding_line
+
+        print("  " + grounding_line(metrics))
     print("\nsample captions (generated  |  a reference):")
     for example in metrics["examples"]:
         print(f"  {example['caption']:<48}|  {example['references'][0]}")

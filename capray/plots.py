@@ -19,37 +19,71 @@ PANELS_PER_ROW = 5
 PANEL_INCHES = 2.4
 DPI = 100
 HEATMAP_CMAP = "jet"
-HEATMAP_ALPHA = 0.5
+HEATMAP_ALPHA = 0.65
+"""Opacity of a map where attention is at the plot's top; it fades linearly to nothing at 0."""
+LUMA = np.array([0.299, 0.587, 0.114])
+"""ITU-R 601 weights: the grey an RGB pixel is shown as under a map."""
 
 
 def plot_attention(image: np.ndarray, words: list[str], attention: np.ndarray, out: str, *,
                    title: str | None = None) -> None:
-    """Write one PNG to ``out``: a panel per word, the image overlaid with that word's attention.
+    """Write one PNG to ``out``: the image as it is, then a panel per word, with a colour bar.
+
+    A word's panel is the image in grey under that word's attention map: a coloured map over the
+    coloured image mixes the two (a yellow square under a blue map reads green), so the colours are
+    read from the first panel and where the decoder looked from the others. The map is opaque where
+    attention is high and fades to nothing where it is 0, so the shapes stay visible. All maps share
+    one scale, 0 to the largest weight of any word (the colour bar, in attention weight per region):
+    a word that looked everywhere shows faint, one that looked at one region bright.
 
     ``image`` is (H, W, 3) uint8; ``attention`` is (T, h, w), one map over the encoder's h x w grid per
-    word (reshape the model's (T, P) weights first). Each map is upsampled bilinearly to the image size
-    and coloured from 0 to its own maximum, so a uniform map covers the whole image evenly.
+    word (reshape the model's (T, P) weights first), upsampled bilinearly to the image size.
     """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     image, attention = _check(image, words, attention)
     height, width = image.shape[:2]
-    num_cols = min(len(words), PANELS_PER_ROW)
-    num_rows = math.ceil(len(words) / PANELS_PER_ROW)
+    top = float(attention.max()) or 1.0
+    panels = [("image", image)] + [(w, attention_overlay(image, att, top=top)) for w, att in zip(words, attention)]
+    num_cols = min(len(panels), PANELS_PER_ROW)
+    num_rows = math.ceil(len(panels) / PANELS_PER_ROW)
     panel_height = PANEL_INCHES * height / width
-    fig = Figure(figsize=(num_cols * PANEL_INCHES, num_rows * (panel_height + 0.35) + (0.4 if title else 0)),
+    fig = Figure(figsize=(num_cols * PANEL_INCHES + 0.9, num_rows * (panel_height + 0.35) + (0.4 if title else 0)),
                  dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    for i, (word, att) in enumerate(zip(words, attention)):
+    axes = []
+    for i, (word, pixels) in enumerate(panels):
         ax = fig.add_subplot(num_rows, num_cols, i + 1)
-        ax.imshow(image)
-        ax.imshow(_upsample(att, height, width), cmap=HEATMAP_CMAP, alpha=HEATMAP_ALPHA,
-                  vmin=0.0, vmax=float(att.max()))
-        ax.set_title(word, fontsize=11, parse_math=False)  # a "$" in a word must not start mathtext
+        ax.imshow(pixels)
+        ax.set_title(word, fontsize=11, parse_math=False,  # a "$" in a word must not start mathtext
+                     style="italic" if i == 0 else "normal")
         ax.axis("off")
+        axes.append(ax)
+    colour_bar = fig.colorbar(ScalarMappable(Normalize(0.0, top), cmap=HEATMAP_CMAP), ax=axes, shrink=0.8,
+                              aspect=30)
+    colour_bar.set_label("attention weight per region", fontsize=9)
     if title:
         fig.suptitle(title, parse_math=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     storage.write_bytes(out, buf.getvalue())
+
+
+def attention_overlay(image: np.ndarray, att: np.ndarray, *, top: float) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` in grey with the (h, w) map ``att`` over it, coloured on a 0..``top`` scale.
+
+    Each pixel is grey·(1 − a) + colour·a with a = ``HEATMAP_ALPHA`` · attention / ``top``: the image's hue
+    never enters, only its brightness.
+    """
+    from matplotlib import colormaps
+
+    height, width = image.shape[:2]
+    grey = (image.astype(np.float32) @ LUMA.astype(np.float32))[..., None] / 255.0  # (H, W, 1)
+    level = np.clip(_upsample(np.asarray(att, dtype=np.float32), height, width) / top, 0.0, 1.0)  # (H, W)
+    colour = colormaps[HEATMAP_CMAP](level)[..., :3]  # (H, W, 3)
+    alpha = HEATMAP_ALPHA * level[..., None]
+    return np.round((grey * (1.0 - alpha) + colour * alpha) * 255.0).astype(np.uint8)
 
 
 def plot_curves(epochs: list[dict], out: str) -> None:

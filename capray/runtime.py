@@ -373,3 +373,32 @@ class ModelThread:
     def run(self, fn, /, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the model thread; returns its result or raises its exception."""
         return self._executor.submit(fn, *args, **kwargs).result()
+
+
+def run_in_task(fn, /, *args, what: str, timeout_s: float | None = None, **kwargs):
+    """``fn(*args, **kwargs)`` in a Ray task, not in this process; returns its (small) result.
+
+    For work the driver must not do on a cluster, where it runs on the head (0 CPUs, no GPU): the
+    task asks for what one node gives (1 CPU; a share of it on a small local machine). An exception
+    of ``fn`` is raised here as itself; ``TimeoutError`` if the task has not finished in ``timeout_s``.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayTaskError
+
+    cpus = task_cpus(local_machine(), small=0.5, cluster=1.0)
+    ref = ray.remote(num_cpus=cpus, max_retries=2)(_call).options(name=what).remote(fn, *args, **kwargs)
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(f"{what}: not done after {timeout_s:.0f} s (is there a node with {cpus:g} CPU free?)") \
+            from None
+    except RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from None
+        raise
+
+
+def _call(fn, /, *args, **kwargs):
+    """The body of ``run_in_task``'s task (any callable: a builtin too)."""
+    return fn(*args, **kwargs)

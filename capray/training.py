@@ -299,9 +299,16 @@ def _gather(value, world: int) -> list:
 def feature_statistics(uri: str, *, max_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the region features over the first ``max_images`` images of a split.
 
-    Read here with pyarrow: a sample of a few thousand rows needs no Ray Data execution (which costs
-    seconds to start), and the driver reads it whether or not the cluster has CPUs free yet.
+    Computed in a Ray task (``capray.runtime.run_in_task``), not in the driver: on a cluster the driver
+    runs on the head, and ``max_images`` rows of features are hundreds of MB for a large encoder.
+    Read with pyarrow: a sample of a few thousand rows needs no Ray Data execution.
     """
+    from capray.runtime import run_in_task
+
+    return run_in_task(_feature_statistics, uri, max_images=max_images, what="feature statistics")
+
+
+def _feature_statistics(uri: str, *, max_images: int) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(uri)
@@ -445,25 +452,39 @@ def _plot_name(image: str) -> str:
     return storage.basename(shard).rsplit(".", 1)[0] + "-" + image[len(shard) + 1:].replace("/", "-")
 
 
+PLOTS_TIMEOUT_S = 600.0
+"""How long the plotting task may take (waiting for a CPU included) before the plots are given up."""
+
+
 def write_run_plots(run_dir: str, *, features: str, images: int) -> None:
     """``RUN/curves.png`` (loss and BLEU-4 per epoch) and ``RUN/attention/*.png`` for a few fixed val images.
 
-    What a run looks like, not what it is: a plot that cannot be made is a warning, never a failed run.
+    Drawn by a Ray task (``capray.runtime.run_in_task``): the attention maps read images and run the
+    model, which the driver, on a cluster's head, must not do. What a run looks like, not what it is:
+    a plot that cannot be made is a warning, never a failed run.
     """
-    from capray.plots import plot_curves
+    from ray.exceptions import RayError
+
+    from capray.runtime import run_in_task
 
     try:
-        plot_curves(read_metrics(run_dir), storage.join(run_dir, CURVES_FILE))
-        if images:
-            from capray.evaluation import attend, first_images
-
-            for image in first_images(storage.join(features, "val"), images):
-                name = _plot_name(image)
-                attend(run_dir, image, storage.join(run_dir, ATTENTION_DIR, f"{name}.png"))
+        run_in_task(_write_run_plots, run_dir, features=features, images=images, what="run plots",
+                    timeout_s=PLOTS_TIMEOUT_S)
         log.info("curves: %s; attention maps of %d val image(s): %s", storage.join(run_dir, CURVES_FILE), images,
                  storage.join(run_dir, ATTENTION_DIR))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RayError) as exc:  # TimeoutError is an OSError; RayError: a lost node
         log.warning("could not plot the run (%s); training itself is done", " ".join(str(exc).split())[:300])
+
+
+def _write_run_plots(run_dir: str, *, features: str, images: int) -> None:
+    from capray.plots import plot_curves
+
+    plot_curves(read_metrics(run_dir), storage.join(run_dir, CURVES_FILE))
+    if images:
+        from capray.evaluation import attend, first_images
+
+        for image in first_images(storage.join(features, "val"), images):
+            attend(run_dir, image, storage.join(run_dir, ATTENTION_DIR, f"{_plot_name(image)}.png"))
 
 
 READ_ATTEMPTS = 3
