@@ -452,12 +452,16 @@ class EvaluateConfig:
     """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
     wait_timeout: float = 600.0
     """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
+    progress_s: float = 30.0
+    """Seconds between two progress lines (images done / total, images/s, ETA); at least 1."""
 
     def __post_init__(self):
         for name in ("checkpoint", "features", "out"):
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "max_length", "batch_size")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
+        if self.progress_s < 1:
+            raise ValueError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.split not in SPLITS:
             raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 

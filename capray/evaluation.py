@@ -21,6 +21,8 @@ from capray.formats import CAPTION, CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS
 from capray.images import decode_image
 from capray.metrics import attention_grounding, score_captions
 from capray.plots import plot_attention
+from capray.precision import as_stored
+from capray.progress import Progress, report
 from capray.runtime import ModelThread
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     records = _ground_truth(info)
     truth = {r.image_id: r.objects for r in records if r.objects is not None} if records else None
     split_truth = {r.image_id: r.objects for r in records or () if r.split == config.split and r.objects}
-    rows = sorted(_search(config, checkpoint=model.uri, objects=split_truth), key=lambda row: row[IMAGE_ID])
+    rows = sorted(_search(config, checkpoint=model.uri, objects=split_truth,
+                          total=info["splits"][config.split]["images"]), key=lambda row: row[IMAGE_ID])
     ids = [row[IMAGE_ID] for row in rows]
     hypotheses = [row[CAPTION] for row in rows]
     references = [[str(c) for c in row[CAPTIONS]] for row in rows]
@@ -82,10 +85,12 @@ def evaluate(config: EvaluateConfig) -> dict:
     return metrics
 
 
-def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple[dict, ...]]) -> list[dict]:
+def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple[dict, ...]],
+            total: int) -> list[dict]:
     """The split's rows captioned by a ``BeamSearcher`` pool; returns ``BeamSearcher``'s rows.
 
-    ``objects``: the split's ground-truth objects by image id (empty: no attention grounding).
+    ``objects``: the split's ground-truth objects by image id (empty: no attention grounding);
+    ``total``: the split's images, for the progress lines.
     """
     import ray
 
@@ -106,12 +111,14 @@ def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple
     ds = map_with_retries(ds, read_features, fn_kwargs={"rows": config.batch_size}, batch_size=1,
                           batch_format="pyarrow", num_cpus=read_cpus, max_retries=READ_TASK_RETRIES,
                           retry_exceptions=[storage.TransientStorageError])
-    ds = ds.map_batches(BeamSearcher, fn_constructor_kwargs={
-                            "checkpoint": checkpoint, "beam_size": config.beam_size, "max_length": config.max_length,
-                            "threads": plan.threads, "use_gpu": plan.num_gpus > 0, "objects": objects},
-                        compute=plan.strategy(), batch_size=config.batch_size, batch_format="pyarrow",
-                        **plan.remote_args())
-    return ds.take_all()
+    with Progress("evaluate", total=total, every_s=config.progress_s) as progress:
+        ds = ds.map_batches(BeamSearcher, fn_constructor_kwargs={
+                                "checkpoint": checkpoint, "beam_size": config.beam_size,
+                                "max_length": config.max_length, "threads": plan.threads,
+                                "use_gpu": plan.num_gpus > 0, "objects": objects, "progress": progress.counter},
+                            compute=plan.strategy(), batch_size=config.batch_size, batch_format="pyarrow",
+                            **plan.remote_args())
+        return ds.take_all()
 
 
 def first_images(uri: str, count: int) -> list[str]:
@@ -160,11 +167,13 @@ class BeamSearcher:
     """
 
     def __init__(self, checkpoint: str, *, beam_size: int, max_length: int, threads: int, use_gpu: bool,
-                 objects: dict[str, tuple[dict, ...]] | None = None):
+                 objects: dict[str, tuple[dict, ...]] | None = None, progress=None):
+        """``progress``: a ``capray.progress`` counter that each batch's images are added to."""
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.beam_size, self.max_length, self.objects = beam_size, max_length, objects or {}
+        self.progress = progress
         self._model_thread = ModelThread()
         self._model_thread.run(self._load, checkpoint, threads=threads, use_gpu=use_gpu)
 
@@ -186,6 +195,7 @@ class BeamSearcher:
             decoded = self.decoder.beam_search(features, beam_size=self.beam_size, max_length=self.max_length,
                                                attention=grounded)
         tokens = decoded.tokens.cpu()
+        report(self.progress, len(ids))
         sums = np.zeros((len(ids), 3))  # grounding mass, chance, words counted
         for row, (image_id, image) in enumerate(zip(ids, images)):
             objects = self.objects.get(image_id)
@@ -275,7 +285,7 @@ def attend(checkpoint: str, image: str, out: str, *, beam_size: int = 3, max_len
     pixels, _, _ = decode_image(shards.read_any(image), size)
     with torch.no_grad():
         features = model.encoder(torch.from_numpy(pixels).unsqueeze(0))  # (1, P, E)
-        decoded = model.decoder.beam_search(features, beam_size=beam_size, max_length=max_length)
+        decoded = model.decoder.beam_search(as_stored(features), beam_size=beam_size, max_length=max_length)
     length = int(decoded.lengths[0])
     words = [model.vocab.words[t] for t in decoded.tokens[0, :length].tolist()]
     side = int(math.isqrt(model.encoder.num_regions))

@@ -63,7 +63,8 @@ def report(counter, done: int, errors: int = 0) -> None:
 
 
 class Progress:
-    """Context manager in the driver: starts the counter actor and logs a line every ``every_s`` seconds.
+    """Context manager in the driver: starts the counter actor, logs a line every ``every_s`` seconds and a
+    last one when the work ends.
 
     ``counter`` is the handle to pass to the workers. ``total`` may be None (unknown, e.g. samples of
     shards not yet read); ``done_before`` counts images finished before this run (a resumed run), so
@@ -87,9 +88,13 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if exc_type is None:  # the last line: where the work ended
+            text = self.line()
+            if text:
+                log.info("%s", text)
         import ray
 
         ray.kill(self.counter)

@@ -7,6 +7,7 @@ world, 4×4 regions) instead of by prepare, which would cost a Ray job: what is 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -168,9 +169,14 @@ def _direct_search(shapes: dict) -> dict[str, tuple[str, list[str], np.ndarray]]
 
 
 @pytest.mark.slow
-def test_actor_pool_gives_the_captions_of_a_direct_search_and_measures_grounding(ray_local, shapes, tmp_path):
+def test_actor_pool_gives_the_captions_of_a_direct_search_and_measures_grounding(ray_local, shapes, tmp_path,
+                                                                                  caplog):
+    caplog.set_level(logging.INFO, logger="capray.progress")
     metrics = evaluate(EvaluateConfig(checkpoint=shapes["checkpoint"], features=shapes["features"],
                                       out=str(tmp_path), beam_size=3, max_length=MAX_LENGTH, batch_size=2))
+    progress = [r.getMessage() for r in caplog.records if r.name == "capray.progress"]
+    n = metrics["num_images"]
+    assert progress and progress[-1].startswith(f"evaluate: {n}/{n} images (100.0%)"), progress
     direct = _direct_search(shapes)
     results = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / RESULTS_FILE).read_text())}
     assert results == {i: caption for i, (caption, _, _) in direct.items()} and len(results) >= 4

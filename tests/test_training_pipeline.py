@@ -252,6 +252,14 @@ def test_attend_writes_a_png_with_a_panel_per_word(pipeline, faulted_run, tmp_pa
         next(storage.list_files(f"{pipeline['root']}/shapes/images/test", extensions=("png",))))
     words = attend(f"{config.out}/{config.name}", image, str(tmp_path / "attention.png"))
     assert words and words[-1] in ("<end>",) or len(words) == 20
+    # The same caption as `capray caption` gives the image: the decoder reads fp16 features in both.
+    from capray.captioning import Captioner
+    from capray.images import decode_image
+
+    captioner = Captioner(f"{config.out}/{config.name}", beam_size=3, max_length=20, threads=1, use_gpu=False)
+    pixels, _, _ = decode_image(storage.read_bytes(image), captioner.encoder.spec.image_size)
+    (text,), _ = captioner.caption(pixels[None])
+    assert " ".join(w for w in words if w != "<end>") == text
     picture = Image.open(tmp_path / "attention.png")
     assert picture.size[0] > 100 and np.asarray(picture).std() > 0
 
