@@ -11,6 +11,7 @@ import torch
 from capray import shards, storage
 from capray.config import EvaluateConfig
 from capray.checkpoint import load_checkpoint
+from capray.errors import ConfigError
 from capray.features import load_prepare_info, read_config_records
 from capray.formats import CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RESULTS_FILE
 from capray.images import decode_image
@@ -25,11 +26,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     info = load_prepare_info(config.features)
     if not info["splits"].get(config.split, {}).get("images"):
-        raise ValueError(f"{config.features}: the {config.split} split has no images")
+        raise ConfigError(f"{config.features}: the {config.split} split has no images")
     model = load_checkpoint(config.checkpoint)
     if info["num_features"] != model.decoder.config.feature_dim:
-        raise ValueError(f"--features {config.features} has {info['num_features']} channels per region, "
-                         f"the checkpoint expects {model.decoder.config.feature_dim}")
+        raise ConfigError(f"--features {config.features} has {info['num_features']} channels per region, "
+                          f"the checkpoint expects {model.decoder.config.feature_dim}")
     ids, hypotheses, references, scores = [], [], [], []
     for batch in iter_feature_batches(storage.join(config.features, config.split), config.batch_size):
         features = torch.from_numpy(np.array(batch[FEATURES])).float()
@@ -115,7 +116,7 @@ def attend(checkpoint: str, image: str, out: str, *, beam_size: int = 3, max_len
     words = [model.vocab.words[t] for t in decoded.tokens[0, :length].tolist()]
     side = int(math.isqrt(model.encoder.num_regions))
     if side * side != model.encoder.num_regions:
-        raise ValueError(f"regions of {model.encoder.spec.name} do not form a square grid")
+        raise ConfigError(f"regions of {model.encoder.spec.name} do not form a square grid")
     attention = decoded.attention[0, :length].reshape(length, side, side).numpy()  # (T, h, w)
     plot_attention(pixels, words, attention, out, title=" ".join(w for w in words if w != "<end>"))
     return words

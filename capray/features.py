@@ -27,6 +27,7 @@ from capray import shards, storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
 from capray.config import PrepareConfig
 from capray.encoders import EncoderSpec, build_encoder
+from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
@@ -213,8 +214,8 @@ def prepare(config: PrepareConfig) -> dict:
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
     train_captions = [c for r in every_record if r.split == "train" for c in r.captions]
     if not train_captions:
-        raise ValueError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
-                         "vocabulary from")
+        raise ConfigError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
+                          "vocabulary from")
     vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
@@ -326,7 +327,7 @@ def load_prepare_info(features: str) -> dict:
     storage.check_bucket(features)
     uri = storage.join(features, PREPARE_FILE)
     if not storage.exists(uri):
-        raise ValueError(f"{features}: not a feature dataset (no {PREPARE_FILE}; run capray prepare first)")
+        raise ConfigError(f"{features}: not a feature dataset (no {PREPARE_FILE}; run capray prepare first)")
     return storage.read_json(uri)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from capray.config import TrainConfig
+from capray.errors import ConfigError
 from capray.formats import CAPTIONS, FEATURES, TOKENS
 from capray.metrics import score_captions
 from capray.model import Decoder
@@ -59,7 +60,7 @@ class Examples:
             token_lists += [list(t) for t in batch[TOKENS]]
             references += [list(c) for c in batch[CAPTIONS]]
         if not features:
-            raise ValueError("no feature rows to train on")
+            raise ConfigError("no feature rows to train on")
         counts = [len(t) for t in token_lists]
         longest = max((len(c) for t in token_lists for c in t), default=1)
         tokens = np.zeros((len(token_lists), max(counts), longest), dtype=np.int64)

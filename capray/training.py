@@ -24,6 +24,7 @@ import torch
 from capray import storage
 from capray.config import TrainConfig
 from capray.checkpoint import decoder_state, model_state, read_state, write_checkpoint
+from capray.errors import ConfigError
 from capray.formats import ENCODER_STATE_FILE, FEATURES, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, VOCAB_FILE
 from capray.loop import Examples, amp_settings, bleu4, collate, evaluate_batches, train_epoch
 from capray.model import Decoder, DecoderConfig
@@ -320,7 +321,7 @@ def feature_statistics(uri: str, *, max_images: int) -> tuple[np.ndarray, np.nda
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         count += x.shape[0]
     if not count:
-        raise ValueError("the train split has no feature rows")
+        raise ConfigError("the train split has no feature rows")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
@@ -346,7 +347,7 @@ def train(config: TrainConfig) -> dict:
     info = load_prepare_info(config.features)
     for split in ("train", "val"):
         if not info["splits"].get(split, {}).get("images"):
-            raise ValueError(f"{config.features}: the {split} split has no images; prepare it first")
+            raise ConfigError(f"{config.features}: the {split} split has no images; prepare it first")
     storage.check_bucket(config.out)
     vocab = Vocabulary.load(storage.join(config.features, VOCAB_FILE))
     decoder_config = DecoderConfig(vocab_size=len(vocab), feature_dim=info["num_features"], kind=config.decoder,
@@ -371,8 +372,8 @@ def train(config: TrainConfig) -> dict:
     cpus = config.cpus_per_worker or worker_cpus(workers=config.workers, machine=machine)
     worker = {"CPU": cpus, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     if machine is not None and config.gpus_per_worker * config.workers > machine.gpus:
-        raise ValueError(f"--gpus-per-worker {config.gpus_per_worker:g} with {config.workers} workers but this "
-                         f"machine has {machine.gpus:g} GPUs")
+        raise ConfigError(f"--gpus-per-worker {config.gpus_per_worker:g} with {config.workers} workers but this "
+                          f"machine has {machine.gpus:g} GPUs")
     if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
     train_images = info["splits"]["train"]["images"]
