@@ -211,7 +211,9 @@ class PrepareConfig:
     batch_size: int = 32
     """Images per encoder forward pass."""
     splits: tuple[str, ...] = SPLITS
-    """Splits to write (repeat the flag, or separate with commas)."""
+    """Splits to write (repeat the flag, or separate with commas). Only these are replaced: the other
+    splits in ``out`` and their record in ``prepare.json`` stay as they are, which needs the same encoder,
+    ``--vocab-size``, ``--min-word-count``, ``--max-caption-tokens`` and vocabulary (else exit 2)."""
     rows_per_file: int = 2000
     """Minimum rows per Parquet file (few larger files read back much faster than many tiny ones)."""
     shared_fs: bool = False
