@@ -259,7 +259,9 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     """GPUs per Train worker (1: one GPU each, mixed precision); 0 trains on CPU."""
     epochs: int = 20
-    """Total epochs; a resumed run continues up to this count."""
+    """Total epochs; a resumed run continues up to this count. Another count than the run's on resume
+    extends (or shortens) its schedule from where it is: the learning rate goes on from the rate reached
+    and decays to 1% of the peak by the new last epoch."""
     batch_size: int = 64
     """Images per worker per step (every caption of each image is used)."""
     learning_rate: float = 1e-3

@@ -387,6 +387,23 @@ def count_rows(uri: str) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
 
 
+def check_split(features: str, split: str, info: dict) -> None:
+    """Raise ``ConfigError`` (one line) if a split's Parquet files cannot be read or hold another number
+    of rows than ``prepare.json`` (``info``) records. Reads only the files' footers."""
+    uri = storage.join(features, split)
+    try:
+        rows = count_rows(uri)
+    except pa.ArrowInvalid as exc:
+        raise ConfigError(f"{uri}: a feature file is damaged ({' '.join(str(exc).split())[:200]}); "
+                          f"run capray prepare --splits {split} again") from exc
+    except OSError as exc:
+        raise storage.classified(f"cannot read {uri}", exc) from exc
+    recorded = info["splits"].get(split, {}).get("images", 0)
+    if rows != recorded:
+        raise ConfigError(f"{uri}: {rows} feature rows, but {PREPARE_FILE} records {recorded}: the dataset changed "
+                          f"after prepare; run capray prepare --splits {split} again")
+
+
 def load_prepare_info(features: str) -> dict:
     """``prepare.json`` of a feature dataset; a clear error when the folder is not one."""
     storage.check_bucket(features)
