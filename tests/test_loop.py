@@ -143,3 +143,16 @@ def test_the_rate_at_an_epoch_does_not_depend_on_the_steps_per_epoch():
         assert steps == 8 // batch_size
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == [rates[0]] * 3 and abs(rates[0] - 1e-2 * schedule.factor(4.0)) < 1e-15
+
+
+def test_a_resumed_run_takes_its_schedule_from_its_checkpoint():
+    from capray.loop import Schedule
+    from capray.training import resume_schedule
+
+    saved = Schedule.new(10).retarget(4, 12)  # a run already extended once
+    latest = {"epoch": 7, "schedule": saved.to_dict()}  # 8 epochs done
+    assert resume_schedule(latest, {}, epochs=12) == saved  # the same --epochs: as it was
+    assert resume_schedule(latest, {}, epochs=16) == saved.retarget(8, 16)
+    # A checkpoint from before schedules were saved had a new run's over the epochs it was started with.
+    assert resume_schedule({"epoch": 7}, {"training": {"epochs": 10}}, epochs=10) == Schedule.new(10)
+    assert resume_schedule({"epoch": 7}, {"training": {"epochs": 10}}, epochs=20) == Schedule.new(10).retarget(8, 20)
