@@ -267,7 +267,8 @@ def prepare(config: PrepareConfig) -> dict:
     if total_written + len(errors) != len(records):  # every image is a row or a listed error, nothing else
         raise RuntimeError(f"prepare: {len(records)} images in, {total_written} written + {len(errors)} "
                            "failed out; prepare.json not written")
-    splits = {s: {**kept, **splits}[s] for s in SPLITS if s in {**kept, **splits}}
+    every_split = {**kept, **splits}
+    splits = {s: every_split[s] for s in SPLITS if s in every_split}
     errors = sorted([*kept_errors, *errors], key=lambda f: f["image"])
     summary = {
         "encoder": spec.to_dict(),
@@ -277,7 +278,8 @@ def prepare(config: PrepareConfig) -> dict:
         "splits": splits,
         "num_images": sum(s["images"] for s in splits.values()),
         "num_errors": len(errors),
-        "objects": any(r.objects is not None for r in records) or bool((previous or {}).get("objects")),
+        # ground truth for evaluate's object accuracy, in the new splits or the kept ones
+        "objects": any(r.objects is not None for r in records) or bool(kept and previous.get("objects")),
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
