@@ -23,7 +23,7 @@ import torch
 
 from capray import storage
 from capray.config import TrainConfig
-from capray.checkpoint import decoder_state, model_state, read_state, write_checkpoint
+from capray.checkpoint import CheckpointError, decoder_state, model_state, read_state, write_checkpoint
 from capray.errors import ConfigError
 from capray.formats import (CONFIG_FILE, ENCODER_STATE_FILE, FEATURES, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE,
                             VOCAB_FILE)
@@ -440,8 +440,6 @@ def check_decoder_matches(trained_with: dict, decoder_config: DecoderConfig, *, 
     """Raise ``CheckpointError`` (exit 2), naming every differing setting, when the decoder this command
     would build is not the one the run's checkpoint holds: found here, before any worker starts (each
     worker would fail to load the weights, and the run would spend ``--max-failures`` on it)."""
-    from capray.checkpoint import CheckpointError
-
     try:
         before = DecoderConfig(**trained_with["decoder"]).to_dict()
     except (KeyError, TypeError, ValueError) as exc:
