@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from capray import shards, storage
+from capray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(ConfigError):
     """Annotations that cannot be used as given; the message names the file(s) and what is wrong."""
 
 
@@ -79,12 +80,12 @@ def pair_sources(annotations: Sequence[str], images: Sequence[str]) -> list[tupl
     two files and one root there is no telling which file the root belongs to.
     """
     if not annotations:
-        raise ValueError("give at least one --annotations file")
+        raise ConfigError("give at least one --annotations file")
     if not images:
         return [(uri, None) for uri in annotations]
     if len(images) != len(annotations):
-        raise ValueError(f"{len(images)} --images for {len(annotations)} --annotations: give one --images per "
-                         f"--annotations, in the same order, or none (each file's own folder)")
+        raise ConfigError(f"{len(images)} --images for {len(annotations)} --annotations: give one --images per "
+                          f"--annotations, in the same order, or none (each file's own folder)")
     return list(zip(annotations, images))
 
 

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 from capray import lease, shards, storage
 from capray.config import CaptionConfig
+from capray.errors import ConfigError
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
 from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
@@ -279,7 +280,7 @@ def _plan_images(config: CaptionConfig, source: str, done: np.ndarray, *, listin
                                           group_rows=_decode_rows(config.batch_size, config.rows_per_shard))
     if total == 0:
         storage.delete_dir(listing)
-        raise ValueError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
+        raise ConfigError(f"--input {config.input}: no images (extensions: {','.join(config.extensions)})")
     return _Plan(units=units if total > skipped else [], skipped=skipped, total=total, done=None,
                  input_line=f"{total} images", done_line=f"{skipped} already captioned, {total - skipped} to do")
 
@@ -287,7 +288,7 @@ def _plan_images(config: CaptionConfig, source: str, done: np.ndarray, *, listin
 def _input_shards(config: CaptionConfig, source: str) -> list[str]:
     found = shards.list_shards(config.input, source, image_extensions=config.extensions)
     if not found:
-        raise ValueError(f"--input {config.input}: no {source} shards")
+        raise ConfigError(f"--input {config.input}: no {source} shards")
     if source == shards.PARQUET:  # the first file's schema: a mistyped column fails here, not per file
         shards.check_columns(found[0], image_column=config.image_column, key_column=config.key_column)
     return found
@@ -349,8 +350,8 @@ def _validate_checkpoint(uri: str) -> dict:
     model = load_checkpoint(uri, device="cpu")
     expected, produced = model.decoder.config.feature_dim, model.encoder.num_features
     if expected != produced:
-        raise ValueError(f"--checkpoint {model.uri}: the decoder expects {expected} feature channels, "
-                         f"the encoder gives {produced}")
+        raise ConfigError(f"--checkpoint {model.uri}: the decoder expects {expected} feature channels, "
+                          f"the encoder gives {produced}")
     spec = model.encoder.spec
     return {"uri": storage.normalize(model.uri), "encoder": spec.to_dict(), "image_size": spec.image_size}
 

@@ -12,6 +12,7 @@ import torch
 
 from capray import storage
 from capray.encoders import EncoderError, EncoderSpec, RegionEncoder, build_encoder
+from capray.errors import ConfigError
 from capray.formats import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, VOCAB_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
@@ -21,7 +22,7 @@ CHECKPOINT_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, TRAIN_STATE_FILE)
 """What every checkpoint holds (``optimizer.pt`` only those written by training)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that is missing, unreadable or does not fit this version of capray."""
 
 

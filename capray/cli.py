@@ -7,14 +7,17 @@ reads the same options from a file (keys are field names; flags typed on the com
 renamed in 0.2 (``config.RENAMED``) still work, with a warning. ``jobs/<command>.py`` parse exactly
 what ``capray <command>`` parses.
 
-Exit codes: 0 done; 2 bad usage or configuration (one line on stderr, before heavy work); 1 anything
-unexpected (one line on stderr; ``CAPRAY_DEBUG=1`` shows the traceback).
+Exit codes (``run``): 0 done; 2 what the user must fix (bad usage or configuration, a location that
+cannot be used, an unreadable input: a ``capray.errors.ConfigError``; one line on stderr, before heavy
+work where it can be checked first); 1 anything transient or unexpected (one line on stderr;
+``CAPRAY_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import errno
 import functools
 import inspect
 import logging
@@ -27,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from capray import config as configs
+from capray.errors import ConfigError
 
 log = logging.getLogger("capray")
 
@@ -64,18 +68,18 @@ class Option:
         if self.kind is tuple:
             items = value if isinstance(value, (list, tuple)) else [value]
             if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
-                raise ValueError(f"{where}: {self.flag} takes a list of strings, got {value!r}")
+                raise ConfigError(f"{where}: {self.flag} takes a list of strings, got {value!r}")
             return [str(v) for v in items]
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ValueError(f"{where}: {self.flag} takes true or false, got {value!r}")
+                raise ConfigError(f"{where}: {self.flag} takes true or false, got {value!r}")
             return value
         if isinstance(value, (dict, list, bool)) or value is None:
-            raise ValueError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}")
         try:
             return self.kind(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: {self.flag} takes one {self.kind.__name__}, got {value!r}") from None
 
 
 def options(cls: type, path: tuple[str, ...] = (), prefix: str = "") -> Iterator[Option]:
@@ -203,8 +207,8 @@ def build(command: str, args: argparse.Namespace) -> Any:
     values.update((k, v) for k, v in vars(args).items() if k not in ("command", "config", "verbose"))
     missing = [o.flag for o in opts if o.required and o.dest not in values]
     if missing:
-        raise ValueError(f"the following options are required: {', '.join(missing)} "
-                         f"(as flags or in {CONFIG_FLAG}); see capray {command} --help")
+        raise ConfigError(f"the following options are required: {', '.join(missing)} "
+                          f"(as flags or in {CONFIG_FLAG}); see capray {command} --help")
     return _construct(configs.COMMANDS[command], (), values)
 
 
@@ -231,17 +235,17 @@ def read_config_file(command: str, uri: str, opts: Sequence[Option]) -> dict[str
     try:
         data = yaml.safe_load(storage.read_text(uri))
     except yaml.YAMLError as exc:
-        raise ValueError(f"{CONFIG_FLAG} {uri}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{CONFIG_FLAG} {uri}: not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{CONFIG_FLAG} {uri}: expected a mapping of option names to values")
+        raise ConfigError(f"{CONFIG_FLAG} {uri}: expected a mapping of option names to values")
     by_key = {o.flag[2:].replace("-", "_"): o for o in opts}
     values = {}
     for key, value in _flatten(data):
         option = by_key.get(key.replace("-", "_"))
         if option is None:
-            raise ValueError(f"{CONFIG_FLAG} {uri}: capray {command} has no option {key!r}")
+            raise ConfigError(f"{CONFIG_FLAG} {uri}: capray {command} has no option {key!r}")
         values[option.dest] = option.convert(value, f"{CONFIG_FLAG} {uri}")
     return values
 
@@ -255,25 +259,83 @@ def _flatten(data: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Run a parsed subcommand with the exit-code contract; used by ``main`` and the job files."""
+    """Run a parsed subcommand with the exit-code contract; used by ``main`` and the job files.
+
+    2 for what the user must fix (``user_error``), in one line; 1 for anything else (transient or
+    unexpected), in one line; 130 when interrupted.
+    """
     if getattr(args, "verbose", False):
         from capray.runtime import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
     setup_logging()
     try:
-        _dispatch(command, build(command, args))
+        config = build(command, args)
+    except ValueError as exc:  # building the config checks only what the user typed: always theirs to fix
+        return _usage_error(command, exc)
+    try:
+        from capray.locations import check_locations
+
+        check_locations(command, config)  # before any Ray or heavy work
+        _dispatch(command, config)
     except KeyboardInterrupt:
         print(f"capray {command}: interrupted", file=sys.stderr)
         return 130
-    except ValueError as exc:  # every user or configuration error in capray is a ValueError
-        if _is_ray_error(exc):  # a failure inside a Ray task (Ray re-raises it as a ValueError subclass)
-            return _unexpected(command, exc)
-        print(f"capray {command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except Exception as exc:
+        cause = user_error(exc)
+        if cause is not None:
+            return _usage_error(command, cause)
         return _unexpected(command, exc)
     return 0
+
+
+USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                         errno.EEXIST, errno.ENOSPC, errno.EDQUOT})
+"""An ``OSError`` with one of these (permission denied, read-only, not found, a file where a folder should
+be, no space left) is the user's to fix: running the same command again would fail the same way."""
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error the user must fix behind ``exc``, or None when it is transient or unexpected (exit 1).
+
+    Follows what wraps an error on its way to the driver: Ray's task errors (``cause``), Ray Train's
+    worker and controller failures, and ``raise ... from``. A ``capray.errors.ConfigError`` is the user's;
+    an ``OSError`` is theirs when its errno says so (``USER_ERRNOS``), unless capray's storage layer
+    classed it transient. Any other ``ValueError`` (pyarrow's ``ArrowInvalid`` among them) is not.
+    """
+    from capray.storage import TransientStorageError
+
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if _is_ray_error(error) and isinstance(getattr(error, "cause", None), BaseException):
+            pending.insert(0, error.cause)  # Ray's wrapper subclasses its cause's class; the cause says it in one line
+            continue
+        if isinstance(error, TransientStorageError):
+            return None
+        if isinstance(error, ConfigError):
+            return error
+        if isinstance(error, OSError) and not isinstance(error, (ConnectionError, TimeoutError)) \
+                and error.errno in USER_ERRNOS:
+            return error
+        pending += [getattr(error, "cause", None), error.__cause__, getattr(error, "controller_failure", None),
+                    *(getattr(error, "worker_failures", None) or {}).values()]
+    return None
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(exc, ray_exceptions.RayError)
+
+
+def _usage_error(command: str, exc: BaseException) -> int:
+    if os.environ.get("CAPRAY_DEBUG"):
+        traceback.print_exception(exc)
+    print(f"capray {command}: error: {_one_line(exc)}", file=sys.stderr)
+    return 2
 
 
 def _unexpected(command: str, exc: BaseException) -> int:
@@ -282,11 +344,6 @@ def _unexpected(command: str, exc: BaseException) -> int:
     print(f"capray {command}: failed: {type(exc).__name__}: {_one_line(exc)} "
           "(set CAPRAY_DEBUG=1 for the traceback)", file=sys.stderr)
     return 1
-
-
-def _is_ray_error(exc: BaseException) -> bool:
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    return ray_exceptions is not None and isinstance(exc, ray_exceptions.RayError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

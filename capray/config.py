@@ -17,6 +17,7 @@ from typing import Literal
 
 from capray import storage
 from capray.annotations import SPLITS, pair_sources
+from capray.errors import ConfigError
 from capray.formats import CAPTION_SCHEMA
 
 FLAT = MappingProxyType({"flat": True})
@@ -41,13 +42,13 @@ def _words(values: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 def _not_negative(config, *names: str) -> None:
     for name in names:
         if getattr(config, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
 
 
 def _at_least_one(config, *names: str) -> None:
     for name in names:
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
 
 
 def _set(config, name: str, value) -> None:
@@ -81,20 +82,20 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.num_images <= 0:
-            raise ValueError(f"--num-images must be positive, got {self.num_images}")
+            raise ConfigError(f"--num-images must be positive, got {self.num_images}")
         if self.seed < 0:
-            raise ValueError(f"--seed must be non-negative, got {self.seed}")
+            raise ConfigError(f"--seed must be non-negative, got {self.seed}")
         if self.image_size < 32:
-            raise ValueError(f"--image-size must be at least 32 pixels, got {self.image_size}")
+            raise ConfigError(f"--image-size must be at least 32 pixels, got {self.image_size}")
         if self.captions_per_image < 1:
-            raise ValueError(f"--captions-per-image must be at least 1, got {self.captions_per_image}")
+            raise ConfigError(f"--captions-per-image must be at least 1, got {self.captions_per_image}")
         fractions = self.split_fractions
         if any(not 0.0 <= f <= 1.0 for f in fractions.values()):
-            raise ValueError(f"split fractions must lie in [0, 1], got {dict(fractions)}")
+            raise ConfigError(f"split fractions must lie in [0, 1], got {dict(fractions)}")
         if self.train_fraction == 0.0:
-            raise ValueError("--train-fraction must be positive")
+            raise ConfigError("--train-fraction must be positive")
         if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"split fractions must sum to 1, got {sum(fractions.values()):.6g}")
+            raise ConfigError(f"split fractions must sum to 1, got {sum(fractions.values()):.6g}")
 
     @property
     def split_fractions(self) -> Mapping[str, float]:
@@ -120,7 +121,7 @@ class SynthJob:
     def __post_init__(self):
         _set(self, "out", storage.normalize(self.out))
         if self.format not in SYNTH_FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(SYNTH_FORMATS)}, got {self.format!r}")
+            raise ConfigError(f"--format must be one of {', '.join(SYNTH_FORMATS)}, got {self.format!r}")
         _at_least_one(self, "samples_per_shard")
 
 
@@ -146,11 +147,11 @@ class EncoderSpec:
 
     def __post_init__(self):
         if not self.name:
-            raise ValueError("--encoder.name must not be empty")
+            raise ConfigError("--encoder.name must not be empty")
         if self.image_size < 0 or 0 < self.image_size < 32:
-            raise ValueError(f"--encoder.image-size must be at least 32 px, got {self.image_size}")
+            raise ConfigError(f"--encoder.image-size must be at least 32 px, got {self.image_size}")
         if not self.weights:
-            raise ValueError("--encoder.weights must be imagenet, none or a state-dict URI")
+            raise ConfigError("--encoder.weights must be imagenet, none or a state-dict URI")
 
     def resolved(self) -> "EncoderSpec":
         """The same spec with the defaults filled in (what is saved beside outputs)."""
@@ -210,9 +211,15 @@ class PrepareConfig:
     batch_size: int = 32
     """Images per encoder forward pass."""
     splits: tuple[str, ...] = SPLITS
-    """Splits to write (repeat the flag, or separate with commas)."""
+    """Splits to write (repeat the flag, or separate with commas). Only these are replaced: the other
+    splits in ``out`` and their record in ``prepare.json`` stay as they are, which needs the same encoder,
+    ``--vocab-size``, ``--min-word-count``, ``--max-caption-tokens`` and vocabulary (else exit 2)."""
     rows_per_file: int = 2000
     """Minimum rows per Parquet file (few larger files read back much faster than many tiny ones)."""
+    shared_fs: bool = False
+    """Local paths are on a filesystem that every node of the cluster mounts at the same path (NFS, EFS,
+    Lustre): accept them when the job runs on a cluster (also ``CAPRAY_SHARED_FS=1``). Without it a job on a
+    cluster takes s3:// locations only."""
 
     def __post_init__(self):
         _set(self, "annotations", tuple(storage.normalize(a) for a in _words(self.annotations)))
@@ -222,17 +229,17 @@ class PrepareConfig:
             _set(self, "encoder", replace(self.encoder, weights=storage.normalize(self.encoder.weights)))
         pair_sources(self.annotations, self.images)  # raises if they do not pair
         if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+            raise ConfigError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
         if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
-            raise ValueError(f"--val-fraction must be at least 0 and leave room for train next to --test-fraction, "
-                             f"got {self.val_fraction}")
+            raise ConfigError(f"--val-fraction must be at least 0 and leave room for train next to --test-fraction, "
+                              f"got {self.val_fraction}")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
         _at_least_one(self, "batch_size", "vocab_size", "min_word_count", "rows_per_file")
         _set(self, "splits", _words(self.splits))
         if not set(self.splits) <= set(SPLITS) or not self.splits:
-            raise ValueError(f"--splits must be among {', '.join(SPLITS)}, got {','.join(self.splits)}")
+            raise ConfigError(f"--splits must be among {', '.join(SPLITS)}, got {','.join(self.splits)}")
         if self.max_caption_tokens < 3:
-            raise ValueError(f"--max-caption-tokens must be at least 3, got {self.max_caption_tokens}")
+            raise ConfigError(f"--max-caption-tokens must be at least 3, got {self.max_caption_tokens}")
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -252,7 +259,9 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     """GPUs per Train worker (1: one GPU each, mixed precision); 0 trains on CPU."""
     epochs: int = 20
-    """Total epochs; a resumed run continues up to this count."""
+    """Total epochs; a resumed run continues up to this count. Another count than the run's on resume
+    extends (or shortens) its schedule from where it is: the learning rate goes on from the rate reached
+    and decays to 1% of the peak by the new last epoch."""
     batch_size: int = 64
     """Images per worker per step (every caption of each image is used)."""
     learning_rate: float = 1e-3
@@ -312,6 +321,10 @@ class TrainConfig:
     """Seconds to wait for the cluster to make room for every worker (GPU nodes take minutes to start)."""
     seed: int = 0
     """Seed of the decoder's initialisation and the data order."""
+    shared_fs: bool = False
+    """Local paths are on a filesystem that every node of the cluster mounts at the same path (NFS, EFS,
+    Lustre): accept them when the job runs on a cluster (also ``CAPRAY_SHARED_FS=1``). Without it a job on a
+    cluster takes s3:// locations only."""
 
     def __post_init__(self):
         _set(self, "features", storage.normalize(self.features))
@@ -322,15 +335,15 @@ class TrainConfig:
         _at_least_one(self, "workers", "epochs", "batch_size", "max_length", "val_images", "stats_images", "val_every",
                       "keep_checkpoints", "embed_dim", "hidden_dim", "projection_dim", "attention_dim")
         if self.learning_rate <= 0 or self.grad_clip <= 0:
-            raise ValueError(f"--learning-rate and --grad-clip must be positive, got {self.learning_rate}, "
-                             f"{self.grad_clip}")
+            raise ConfigError(f"--learning-rate and --grad-clip must be positive, got {self.learning_rate}, "
+                              f"{self.grad_clip}")
         if self.dropout >= 1 or self.label_smoothing >= 1:
-            raise ValueError(f"--dropout and --label-smoothing must be below 1, got {self.dropout}, "
-                             f"{self.label_smoothing}")
+            raise ConfigError(f"--dropout and --label-smoothing must be below 1, got {self.dropout}, "
+                              f"{self.label_smoothing}")
         if self.decoder not in ("gru", "lstm"):
-            raise ValueError(f"--decoder must be gru or lstm, got {self.decoder!r}")
+            raise ConfigError(f"--decoder must be gru or lstm, got {self.decoder!r}")
         if not self.name or "/" in self.name:
-            raise ValueError(f"--name must be a plain name, got {self.name!r}")
+            raise ConfigError(f"--name must be a plain name, got {self.name!r}")
 
     @property
     def use_gpu(self) -> bool:
@@ -396,29 +409,33 @@ class CaptionConfig:
     """WebDataset and Parquet input: fields carried into the output as text columns, to join captions
     back to the source (``key``: the sample's key; else a field of the sample's .json or a Parquet column;
     null where a sample has none). Repeat, or separate with commas."""
+    shared_fs: bool = False
+    """Local paths are on a filesystem that every node of the cluster mounts at the same path (NFS, EFS,
+    Lustre): accept them when the job runs on a cluster (also ``CAPRAY_SHARED_FS=1``). Without it a job on a
+    cluster takes s3:// locations only."""
 
     def __post_init__(self):
         for name in ("input", "out", "checkpoint"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} must not be empty")
+                raise ConfigError(f"--{name} must not be empty")
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "batch_size", "max_length", "rows_per_shard")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout",
                       "retry_window_s")
         if self.progress_s < 1:
-            raise ValueError(f"--progress-s must be at least 1, got {self.progress_s:g}")
+            raise ConfigError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.lease_timeout_s < 10:
-            raise ValueError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
+            raise ConfigError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
                              f"got {self.lease_timeout_s:g}")
         if self.overwrite and self.retry_errors:
-            raise ValueError("--overwrite and --retry-errors exclude each other (--overwrite redoes everything)")
+            raise ConfigError("--overwrite and --retry-errors exclude each other (--overwrite redoes everything)")
         _set(self, "extensions", tuple(dict.fromkeys(e.lower().lstrip(".") for e in _words(self.extensions))))
         if not self.extensions or not all(self.extensions):
-            raise ValueError("--extensions must name at least one file type (e.g. jpg,png)")
+            raise ConfigError("--extensions must name at least one file type (e.g. jpg,png)")
         _set(self, "keep_columns", tuple(dict.fromkeys(_words(self.keep_columns))))
         clashes = set(self.keep_columns) & {*CAPTION_SCHEMA.names, "image", "retry"}
         if clashes:
-            raise ValueError(f"--keep-columns cannot be {', '.join(sorted(clashes))}: the output has such a column")
+            raise ConfigError(f"--keep-columns cannot be {', '.join(sorted(clashes))}: the output has such a column")
 
 
 # --- evaluate, attend, demo ----------------------------------------------------------------------
@@ -454,6 +471,10 @@ class EvaluateConfig:
     """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     progress_s: float = 30.0
     """Seconds between two progress lines (images done / total, images/s, ETA); at least 1."""
+    shared_fs: bool = False
+    """Local paths are on a filesystem that every node of the cluster mounts at the same path (NFS, EFS,
+    Lustre): accept them when the job runs on a cluster (also ``CAPRAY_SHARED_FS=1``). Without it a job on a
+    cluster takes s3:// locations only."""
 
     def __post_init__(self):
         for name in ("checkpoint", "features", "out"):
@@ -461,9 +482,9 @@ class EvaluateConfig:
         _at_least_one(self, "beam_size", "max_length", "batch_size")
         _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
         if self.progress_s < 1:
-            raise ValueError(f"--progress-s must be at least 1, got {self.progress_s:g}")
+            raise ConfigError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+            raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 @dataclass(frozen=True)
@@ -516,17 +537,17 @@ class GalleryConfig:
     def __post_init__(self):
         for name in ("captions", "out"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} must not be empty")
+                raise ConfigError(f"--{name} must not be empty")
             _set(self, name, storage.normalize(getattr(self, name)))
         if self.references:
             _set(self, "references", storage.normalize(self.references))
         _at_least_one(self, "sample")
         _not_negative(self, "seed", "worst")
         if self.sample + 2 * self.worst > MAX_GALLERY_IMAGES:
-            raise ValueError(f"--sample + 2 × --worst must be at most {MAX_GALLERY_IMAGES} (the page embeds every "
+            raise ConfigError(f"--sample + 2 × --worst must be at most {MAX_GALLERY_IMAGES} (the page embeds every "
                              f"image), got {self.sample} + 2 × {self.worst}")
         if not 16 <= self.thumbnail_size <= 1024:
-            raise ValueError(f"--thumbnail-size must be 16..1024 pixels, got {self.thumbnail_size}")
+            raise ConfigError(f"--thumbnail-size must be 16..1024 pixels, got {self.thumbnail_size}")
 
 
 @dataclass(frozen=True)

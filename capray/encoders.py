@@ -24,13 +24,14 @@ from torch import nn
 
 from capray import storage
 from capray.config import EFFICIENTNET_LITE0, WEIGHTS_IMAGENET, WEIGHTS_NONE, EncoderSpec
+from capray.errors import ConfigError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels (TF Lite preprocessing).
 LITE_MEAN, LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
 
 
-class EncoderError(ValueError):
+class EncoderError(ConfigError):
     """An encoder that cannot be built as asked (unknown name, unloadable weights)."""
 
 

@@ -16,6 +16,7 @@ from capray import shards, storage
 from capray.annotations import Record
 from capray.config import EvaluateConfig
 from capray.checkpoint import load_checkpoint
+from capray.errors import ConfigError
 from capray.features import load_prepare_info, read_config_records
 from capray.formats import CAPTION, CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RESULTS_FILE, SCORE
 from capray.images import decode_image
@@ -48,10 +49,10 @@ def evaluate(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     info = load_prepare_info(config.features)
     if not info["splits"].get(config.split, {}).get("images"):
-        raise ValueError(f"{config.features}: the {config.split} split has no images")
+        raise ConfigError(f"{config.features}: the {config.split} split has no images")
     model = load_checkpoint(config.checkpoint)  # here, so a bad checkpoint fails before any actor starts
     if info["num_features"] != model.decoder.config.feature_dim:
-        raise ValueError(f"--features {config.features} has {info['num_features']} channels per region, "
+        raise ConfigError(f"--features {config.features} has {info['num_features']} channels per region, "
                          f"the checkpoint expects {model.decoder.config.feature_dim}")
     records = _ground_truth(info)
     truth = {r.image_id: r.objects for r in records if r.objects is not None} if records else None
@@ -290,7 +291,7 @@ def attend(checkpoint: str, image: str, out: str, *, beam_size: int = 3, max_len
     words = [model.vocab.words[t] for t in decoded.tokens[0, :length].tolist()]
     side = int(math.isqrt(model.encoder.num_regions))
     if side * side != model.encoder.num_regions:
-        raise ValueError(f"regions of {model.encoder.spec.name} do not form a square grid")
+        raise ConfigError(f"regions of {model.encoder.spec.name} do not form a square grid")
     attention = decoded.attention[0, :length].reshape(length, side, side).numpy()  # (T, h, w)
     plot_attention(pixels, words, attention, out, title=" ".join(w for w in words if w != "<end>"))
     return words

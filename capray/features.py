@@ -27,6 +27,7 @@ from capray import shards, storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
 from capray.config import PrepareConfig
 from capray.encoders import EncoderSpec, build_encoder
+from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
@@ -203,7 +204,8 @@ def prepare(config: PrepareConfig) -> dict:
 
     Everything that can be checked is checked before the previous dataset is touched: the
     annotations, the vocabulary, the encoder and its weights, the actors' resources. ``prepare.json``
-    (the "done" marker) is removed first and written last.
+    (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named
+    splits: the others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``).
     """
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
@@ -213,13 +215,16 @@ def prepare(config: PrepareConfig) -> dict:
     by_split = {s: [r for r in records if r.split == s] for s in config.splits}
     train_captions = [c for r in every_record if r.split == "train" for c in r.captions]
     if not train_captions:
-        raise ValueError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
-                         "vocabulary from")
+        raise ConfigError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
+                          "vocabulary from")
     vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
     encoder_state = _state_bytes(encoder.state_dict())
     del encoder
+    previous, kept = _kept_splits(config, spec=spec, vocab=vocab)
+    if kept:  # the kept splits' tokens are ids of the dataset's vocabulary: it stays
+        vocab = Vocabulary.load(storage.join(config.out, VOCAB_FILE))
 
     ensure_ray()
     machine = local_machine()
@@ -228,17 +233,26 @@ def prepare(config: PrepareConfig) -> dict:
     if machine is None:  # a cluster: the first encoder actor may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="prepare")
 
-    # Every check passed: only now is the previous dataset replaced, its "done" marker first.
-    storage.delete_file(storage.join(config.out, PREPARE_FILE))
-    for split in SPLITS:
+    # Every check passed: only now are the named splits replaced, the "done" marker first. With splits
+    # kept, the marker first shrinks to them (a dataset of the kept splits stays usable throughout).
+    split_of = {r.image: r.split for r in every_record}
+    kept_errors = [e for e in (previous or {}).get("errors", []) if _error_split(e, split_of) in kept]
+    marker = storage.join(config.out, PREPARE_FILE)
+    if kept:
+        storage.write_json(marker, _summary_of_splits(previous, kept, kept_errors))
+    else:
+        storage.delete_file(marker)
+    for split in config.splits:
         storage.delete_dir(storage.join(config.out, split))
     errors_dir = storage.join(config.out, ERRORS_DIR)
     storage.delete_dir(errors_dir)
-    storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
-    vocab.save(storage.join(config.out, VOCAB_FILE))
-    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s",
+    if not kept:
+        storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
+        vocab.save(storage.join(config.out, VOCAB_FILE))
+    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s%s",
              len(records), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), spec.name,
-             spec.image_size, config.out, plan.describe())
+             spec.image_size, config.out, plan.describe(),
+             f"; kept as they are: {', '.join(kept)}" if kept else "")
     encode_started = time.perf_counter()
     _encode(records, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir)
     encode_seconds = time.perf_counter() - encode_started
@@ -248,20 +262,24 @@ def prepare(config: PrepareConfig) -> dict:
             splits[split] = {"images": count_rows(storage.join(config.out, split)),
                              "captions": sum(len(r.captions) for r in split_records)}
     log.info("prepare: %s in %.1f s", ", ".join(f"{s} {v['images']}" for s, v in splits.items()), encode_seconds)
-    errors = _collect_errors(errors_dir)
+    errors = [{**e, "split": split_of.get(e["image"])} for e in _collect_errors(errors_dir)]
     total_written = sum(s["images"] for s in splits.values())
     if total_written + len(errors) != len(records):  # every image is a row or a listed error, nothing else
         raise RuntimeError(f"prepare: {len(records)} images in, {total_written} written + {len(errors)} "
                            "failed out; prepare.json not written")
+    every_split = {**kept, **splits}
+    splits = {s: every_split[s] for s in SPLITS if s in every_split}
+    errors = sorted([*kept_errors, *errors], key=lambda f: f["image"])
     summary = {
         "encoder": spec.to_dict(),
         "num_regions": num_regions,
         "num_features": num_features,
         "vocab_size": len(vocab),
         "splits": splits,
-        "num_images": total_written,
+        "num_images": sum(s["images"] for s in splits.values()),
         "num_errors": len(errors),
-        "objects": any(r.objects is not None for r in records),  # ground truth for evaluate's object accuracy
+        # ground truth for evaluate's object accuracy, in the new splits or the kept ones
+        "objects": any(r.objects is not None for r in records) or bool(kept and previous.get("objects")),
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
@@ -269,10 +287,60 @@ def prepare(config: PrepareConfig) -> dict:
         "actors": {"min": plan.min_actors, "max": plan.max_actors},
         "batch_size": config.batch_size,
         "out": config.out,
-        "config": {k: v for k, v in asdict(config).items() if k != "encoder"},
+        "config": {**{k: v for k, v in asdict(config).items() if k != "encoder"}, "splits": list(splits)},
     }
-    storage.write_json(storage.join(config.out, PREPARE_FILE), summary)  # written last: the "done" marker
+    storage.write_json(marker, summary)  # written last: the "done" marker
     return summary
+
+
+ENCODING_SETTINGS = ("vocab_size", "min_word_count", "max_caption_tokens")
+"""prepare options besides the encoder that change what a split's rows hold: a split is only kept
+beside others made with the same ones."""
+
+
+def _kept_splits(config: PrepareConfig, *, spec: EncoderSpec, vocab: Vocabulary) -> tuple[dict | None, dict]:
+    """The dataset's ``prepare.json`` (None if there is none) and the splits it records that ``--splits``
+    leaves as they are: {split: its record}.
+
+    Splits kept beside rewritten ones must be alike: the same encoder (spec, resolved) and encoding
+    settings, and the vocabulary their tokens are ids of. The vocabulary is built from the train split:
+    with train kept it stays the dataset's; with train rewritten the new one must equal it. Anything
+    else would make a dataset whose splits disagree, so it is refused (``ConfigError``) before the
+    dataset is touched, naming what differs.
+    """
+    marker = storage.join(config.out, PREPARE_FILE)
+    previous = storage.read_json(marker) if storage.exists(marker) else None
+    if previous is None:
+        return None, {}
+    kept = {s: record for s, record in previous.get("splits", {}).items() if s not in config.splits}
+    if not kept:
+        return previous, {}
+    recorded = previous.get("config", {})
+    before, now = previous.get("encoder") or {}, spec.to_dict()
+    differ = [f"--encoder.{name.replace('_', '-')} ({before.get(name)} → {now[name]})"
+              for name in now if before.get(name) != now[name]]
+    differ += [f"--{name.replace('_', '-')} ({recorded.get(name)} → {getattr(config, name)})"
+               for name in ENCODING_SETTINGS if recorded.get(name) != getattr(config, name)]
+    vocab_uri = storage.join(config.out, VOCAB_FILE)
+    if not differ and "train" in config.splits and Vocabulary.load(vocab_uri) != vocab:
+        differ.append("the vocabulary (the train captions changed)")
+    if differ:
+        raise ConfigError(f"--splits {','.join(config.splits)} keeps {', '.join(kept)} in {config.out}, but "
+                          f"{'; '.join(differ)} would differ from what they were made with; prepare every split "
+                          f"(--splits {','.join(SPLITS)}) or keep the settings")
+    return previous, kept
+
+
+def _error_split(error: dict, split_of: dict[str, str]) -> str | None:
+    """The split of a ``prepare.json`` error (older files do not record it: then by the annotations)."""
+    return error.get("split") or split_of.get(error["image"])
+
+
+def _summary_of_splits(previous: dict, kept: dict, errors: list[dict]) -> dict:
+    """``prepare.json`` cut down to the kept splits (and their errors)."""
+    return {**previous, "splits": kept, "num_images": sum(s["images"] for s in kept.values()),
+            "num_errors": len(errors), "errors": errors,
+            "config": {**previous.get("config", {}), "splits": list(kept)}}
 
 
 def _encode(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, config: PrepareConfig,
@@ -321,12 +389,29 @@ def count_rows(uri: str) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
 
 
+def check_split(features: str, split: str, info: dict) -> None:
+    """Raise ``ConfigError`` (one line) if a split's Parquet files cannot be read or hold another number
+    of rows than ``prepare.json`` (``info``) records. Reads only the files' footers."""
+    uri = storage.join(features, split)
+    try:
+        rows = count_rows(uri)
+    except pa.ArrowInvalid as exc:
+        raise ConfigError(f"{uri}: a feature file is damaged ({' '.join(str(exc).split())[:200]}); "
+                          f"run capray prepare --splits {split} again") from exc
+    except OSError as exc:
+        raise storage.classified(f"cannot read {uri}", exc) from exc
+    recorded = info["splits"].get(split, {}).get("images", 0)
+    if rows != recorded:
+        raise ConfigError(f"{uri}: {rows} feature rows, but {PREPARE_FILE} records {recorded}: the dataset changed "
+                          f"after prepare; run capray prepare --splits {split} again")
+
+
 def load_prepare_info(features: str) -> dict:
     """``prepare.json`` of a feature dataset; a clear error when the folder is not one."""
     storage.check_bucket(features)
     uri = storage.join(features, PREPARE_FILE)
     if not storage.exists(uri):
-        raise ValueError(f"{features}: not a feature dataset (no {PREPARE_FILE}; run capray prepare first)")
+        raise ConfigError(f"{features}: not a feature dataset (no {PREPARE_FILE}; run capray prepare first)")
     return storage.read_json(uri)
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from capray import shards, storage
 from capray.config import DEFAULT_EXTENSIONS, GalleryConfig
+from capray.errors import ConfigError
 from capray.formats import CAPTION, CAPTIONS, ERROR, IMAGE, PATH, PREPARE_FILE, SCORE
 from capray.images import ImageDecodeError, thumbnail
 
@@ -185,7 +186,7 @@ def read_batches(output: str, *, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Re
 
     uris = shard_uris(output)
     if not uris:
-        raise ValueError(f"--captions {output}: no caption shards (part-*.parquet) there; is it a "
+        raise ConfigError(f"--captions {output}: no caption shards (part-*.parquet) there; is it a "
                          "capray caption output?")
     for uri in uris:
         fs, path = storage.resolve(uri)
@@ -282,7 +283,7 @@ def read_references(uri: str, paths: Iterable[str]) -> dict[str, tuple[str, ...]
             except OSError as exc:
                 raise storage.classified(f"--references: cannot read {shard}", exc) from exc
             except (pa.ArrowException, KeyError) as exc:
-                raise ValueError(f"--references {shard}: not a feature shard ({_reason(exc)})") from exc
+                raise ConfigError(f"--references {shard}: not a feature shard ({_reason(exc)})") from exc
         return found
     records = iter_manifest(uri) if uri.endswith(".jsonl") else read_annotations(uri)
     for record in records:
@@ -296,7 +297,7 @@ def is_feature_dataset(uri: str) -> bool:
     if storage.exists(storage.join(uri, PREPARE_FILE)):
         return True
     if not storage.is_file(uri):
-        raise ValueError(f"--references {uri}: neither a feature dataset (no {PREPARE_FILE}) nor an annotation file")
+        raise ConfigError(f"--references {uri}: neither a feature dataset (no {PREPARE_FILE}) nor an annotation file")
     return False
 
 

@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from capray.errors import ConfigError
+
 MAX_PIXELS = 100_000_000
 """Images with more pixels are refused as decompression bombs (PIL's own limit is ~179 M)."""
 
@@ -18,7 +20,7 @@ MAX_PIXELS = 100_000_000
 _ORIENTATION = 0x0112  # the EXIF tag
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(ConfigError):
     """Bytes that are not a usable image; the message is what goes in the ``error`` column."""
 
 

@@ -34,6 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from capray import storage
+from capray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ minutes (a busy head node, a debugger, a suspended laptop) is not robbed of its 
 BEATS_PER_TIMEOUT = 10  # heartbeats per timeout: a few may fail (a throttled store) before the lease goes stale
 
 
-class OutputBusy(ValueError):
+class OutputBusy(ConfigError):
     """Another live run holds the output (exit 2: wait for it, or pick another output)."""
 
 

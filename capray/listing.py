@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
+from capray.errors import ConfigError
 from capray.formats import ERROR, PATH
 from capray.shards import shard_of
 from capray.sink import (COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata,
@@ -42,7 +43,7 @@ def input_kind(uri: str) -> str:
         return "image"
     if storage.is_dir(uri):
         return "prefix"
-    raise ValueError(f"--input {uri}: no such folder, prefix or file")
+    raise ConfigError(f"--input {uri}: no such folder, prefix or file")
 
 
 def input_paths(uri: str, kind: str, extensions: tuple[str, ...]) -> Iterator[str]:
@@ -90,8 +91,8 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
                 metadata = parquet.schema_arrow.metadata or {}
                 table = parquet.read(columns=[PATH, ERROR])
         except pa.ArrowInvalid as exc:
-            raise ValueError(f"--out {output} holds {storage.basename(uri)}, which is not a caption shard "
-                             f"({str(exc).splitlines()[0]}): move it away or use --overwrite") from exc
+            raise ConfigError(f"--out {output} holds {storage.basename(uri)}, which is not a caption shard "
+                              f"({str(exc).splitlines()[0]}): move it away or use --overwrite") from exc
         except OSError as exc:
             raise storage.TransientStorageError(f"cannot read {uri}: {str(exc).splitlines()[0]}") from exc
         check_compatible(uri, metadata, settings)
@@ -166,8 +167,8 @@ def check_compatible(uri: str, metadata: dict, settings: dict) -> None:
     for key in COMPATIBLE_KEYS:
         theirs, mine = found.get(key, COMPATIBLE_DEFAULTS.get(key)), ours[f"{META_PREFIX}{key}".encode()].decode()
         if theirs != mine:
-            raise ValueError(f"--out already holds captions made with {key}={theirs} ({storage.basename(uri)}), "
-                             f"this run has {key}={mine}: use --overwrite or another --out")
+            raise ConfigError(f"--out already holds captions made with {key}={theirs} ({storage.basename(uri)}), "
+                              f"this run has {key}={mine}: use --overwrite or another --out")
 
 
 def write_listing(paths: Iterable[str], done: np.ndarray, listing: str, *, group_rows: int,

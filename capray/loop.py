@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from capray.config import TrainConfig
+from capray.errors import ConfigError
 from capray.formats import CAPTIONS, FEATURES, TOKENS
 from capray.metrics import score_captions
 from capray.model import Decoder
@@ -59,7 +60,7 @@ class Examples:
             token_lists += [list(t) for t in batch[TOKENS]]
             references += [list(c) for c in batch[CAPTIONS]]
         if not features:
-            raise ValueError("no feature rows to train on")
+            raise ConfigError("no feature rows to train on")
         counts = [len(t) for t in token_lists]
         longest = max((len(c) for t in token_lists for c in t), default=1)
         tokens = np.zeros((len(token_lists), max(counts), longest), dtype=np.int64)
@@ -151,26 +152,77 @@ def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
     return (False, torch.float32) if dtype is None else (True, dtype)
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up over the first 2% of steps, then cosine decay to 1% of the peak."""
-    warmup = max(1, int(0.02 * total_steps))
-    if step < warmup:
-        return config.learning_rate * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return config.learning_rate * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+WARMUP_FRACTION = 0.02
+"""Share of a new run's epochs over which the learning rate rises linearly to its peak."""
+FINAL_FACTOR = 0.01
+"""The cosine ends at this share of the peak learning rate."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate, as a share of the peak, over training progress counted in epochs.
+
+    Linear warm-up to the peak over ``warmup_epochs``, then a cosine from ``start_factor`` at
+    ``start_epoch`` down to ``FINAL_FACTOR`` at ``end_epoch``. Progress is counted in epochs (passes
+    over the train split), not optimizer steps, so a run resumed with another ``--workers`` (another
+    number of steps per epoch) keeps its schedule. A run resumed with another ``--epochs`` continues
+    from the share it had reached (``retarget``): the rate never jumps back up.
+    """
+
+    end_epoch: float
+    """Where the cosine reaches ``FINAL_FACTOR``: the run's ``--epochs``."""
+    warmup_epochs: float
+    """Epochs of the linear warm-up at the start of the run."""
+    start_epoch: float = 0.0
+    """Where the cosine starts (after the warm-up when that ends later)."""
+    start_factor: float = 1.0
+    """The share of the peak the cosine starts from."""
+
+    @classmethod
+    def new(cls, epochs: int) -> "Schedule":
+        """A new run's: warm-up over the first 2% of the epochs, then a cosine from the peak to 1%."""
+        return cls(end_epoch=float(epochs), warmup_epochs=WARMUP_FRACTION * epochs)
+
+    def factor(self, progress: float) -> float:
+        """The share of the peak learning rate at ``progress`` epochs into the run."""
+        if progress < self.warmup_epochs:
+            return self.start_factor * max(progress, 0.0) / self.warmup_epochs
+        begin = max(self.start_epoch, self.warmup_epochs)
+        done = min(1.0, max(0.0, (progress - begin) / max(self.end_epoch - begin, 1e-9)))
+        return FINAL_FACTOR + (self.start_factor - FINAL_FACTOR) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def retarget(self, at: float, epochs: int) -> "Schedule":
+        """This schedule, resumed after ``at`` epochs with ``epochs`` as the new last epoch: from the share
+        reached at ``at``, a cosine down to ``FINAL_FACTOR`` at ``epochs`` (a warm-up not yet over stays)."""
+        if epochs == self.end_epoch:
+            return self
+        if at <= max(self.warmup_epochs, self.start_epoch):  # the cosine has not begun: lengthen it
+            return replace(self, end_epoch=float(epochs))
+        return replace(self, end_epoch=float(epochs), start_epoch=float(at), start_factor=self.factor(at))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def learning_rate(peak: float, schedule: Schedule, progress: float) -> float:
+    """The learning rate ``progress`` epochs into the run."""
+    return peak * schedule.factor(progress)
 
 
 def train_epoch(model, optimizer, batches: Iterable[Batch], *, config: TrainConfig, device: torch.device,
-                scaler=None, step: int = 0, total_steps: int = 1) -> tuple[dict, int]:
-    """One pass over ``batches``; returns (metrics, global step). No host sync until the epoch ends."""
+                schedule: Schedule, epoch: int, steps_per_epoch: int, scaler=None, step: int = 0) -> tuple[dict, int]:
+    """One pass over ``batches`` (epoch ``epoch``, about ``steps_per_epoch`` of them); returns (metrics,
+    global step). Each step's learning rate is the schedule's at the progress the step reaches. No host
+    sync until the epoch ends."""
     model.train()
     use_amp, amp_dtype = amp_settings(device)
     ce_total = torch.zeros((), device=device)
     token_total = torch.zeros((), dtype=torch.long, device=device)
     images, started = 0, time.perf_counter()
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        progress = epoch + min(1.0, (index + 1) / max(steps_per_epoch, 1))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, total_steps)
+            group["lr"] = learning_rate(config.learning_rate, schedule, progress)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             loss, ce_sum, num_tokens = caption_loss(model, batch, attention_weight=config.attention_weight,
                                                     label_smoothing=config.label_smoothing)

@@ -17,6 +17,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from capray.errors import ConfigError
 from capray.vocab import tokenize
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
@@ -60,9 +61,9 @@ def _prepare(references: dict[str, list[str]],
             raise ValueError(f"{image_id!r}: a hypothesis must be one caption string, got {type(hyp).__name__}")
         gts[image_id] = [" ".join(tokenize(r)) for r in refs]
         if not gts[image_id]:
-            raise ValueError(f"{image_id!r}: no reference captions")
+            raise ConfigError(f"{image_id!r}: no reference captions (fix the annotations)")
         if not all(gts[image_id]):
-            raise ValueError(f"{image_id!r}: a reference caption has no words: {list(refs)}")
+            raise ConfigError(f"{image_id!r}: a reference caption has no words: {list(refs)} (fix the annotations)")
         # An empty hypothesis (the decoder stopped at once) is legal and simply scores 0.
         res[image_id] = [" ".join(tokenize(hyp))]
     return gts, res

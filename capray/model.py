@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from capray.errors import ConfigError
+
 DECODER_KINDS = ("gru", "lstm")
 POSITIONS = ("grid", "learned")
 END_CHECK_EVERY = 4
@@ -143,8 +145,8 @@ class Decoder(nn.Module):
         regions = self.project(x)  # (B, P, R)
         if self.config.num_regions:
             if regions.size(1) != self.config.num_regions:
-                raise ValueError(f"the decoder was trained on {self.config.num_regions} regions per image, "
-                                 f"these features have {regions.size(1)}")
+                raise ConfigError(f"the decoder was trained on {self.config.num_regions} regions per image, "
+                                  f"these features have {regions.size(1)}")
             where = self.positions if self.positions is not None else self.position_map(self.coordinates)  # (P, R)
             regions = regions + where  # (B, P, R)
         keys = self.attention.keys(regions)  # (B, P, A)

@@ -2,10 +2,10 @@
 
 Two worlds, sized differently:
 
-- **Local** (no ``RAY_ADDRESS``: capray starts Ray in-process on this machine). The world is this one
-  machine and will not grow, so shares are derived from its CPUs. On a 2-core machine two actors at
-  1 CPU each take both cores and the read tasks feeding them never run (a silent hang), hence the
-  fractional shares here — and only here.
+- **Local** (no ``RAY_ADDRESS``, or a job server's ``http://`` URL: capray starts Ray in-process on
+  this machine). The world is this one machine and will not grow, so shares are derived from its
+  CPUs. On a 2-core machine two actors at 1 CPU each take both cores and the read tasks feeding
+  them never run (a silent hang), hence the fractional shares here — and only here.
 - **Cluster** (``RAY_ADDRESS`` set, as ``ray job submit`` does). Nodes come and go: the head may
   have 0 CPUs, GPU nodes appear minutes after the job starts, spot nodes vanish. Nothing is sized
   from what is up at submit time or from the cluster's total: every actor and task asks for a
@@ -20,6 +20,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from capray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ def map_with_retries(ds, fn, *, max_retries: int, retry_exceptions: list[type[Ba
 def ensure_ray(*, dashboard: bool = False) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray.
 
+    An ``http(s)://`` ``RAY_ADDRESS`` is the job server's, left in the shell for ``ray job submit``
+    (see ``job_server_address``): the command runs on a local Ray, with a warning that says so.
+
     ``dashboard``: whether a local Ray runs its dashboard. Training wants it: the dashboard serves the
     State API, which Ray Train's placement-group cleaner polls (without it, a warning a second). It
     costs memory and ~0.1 of a core while busy, which captioning on a small machine feels (its
@@ -102,6 +107,12 @@ def ensure_ray(*, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if job_server_address(address):
+        log.warning("RAY_ADDRESS=%s is a Ray job server's address (for `ray job submit`), not a cluster to "
+                    "join: this command runs on a local Ray; to run it on the cluster, submit it with "
+                    "`ray job submit -- python jobs/<job>.py ...`", address)
+        del os.environ["RAY_ADDRESS"]  # Ray's own code in this process must not try to reach it either
     quiet_ray_data()
     local = {}
     if dashboard and is_local() and not _dashboard_installed():
@@ -207,8 +218,22 @@ def _wait_for_dashboard(*, timeout_s: float) -> None:
 
 
 def is_local() -> bool:
-    """Whether the job runs on a Ray that capray starts in-process on this machine (no ``RAY_ADDRESS``)."""
-    return os.environ.get("RAY_ADDRESS", "") in ("", "local")
+    """Whether the job runs on a Ray that capray starts in-process on this machine: no ``RAY_ADDRESS``,
+    or one that is a job server's URL (see ``job_server_address``), not a cluster to join."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address in ("", "local") or job_server_address(address)
+
+
+def job_server_address(address: str) -> bool:
+    """Whether ``address`` is an ``http(s)://`` URL: the Ray job server (the dashboard, port 8265) that
+    ``ray job submit`` talks to, as in ``export RAY_ADDRESS=http://localhost:8265``.
+
+    A job that ``ray job submit`` starts gets the cluster's own address (``host:port`` of the GCS) in
+    its ``RAY_ADDRESS``; an http URL in a command's environment was set for ``ray job submit`` in the
+    same shell. A driver cannot join a cluster through it (``ray.init`` takes a GCS address or a
+    ``ray://`` client address), so capray runs such a command on a local Ray and says so.
+    """
+    return address.startswith(("http://", "https://"))
 
 
 @dataclass(frozen=True)
@@ -276,21 +301,21 @@ def plan_actors(*, actors: int, max_actors: int, gpus_per_actor: float, cpus_per
     on a local machine what is left after ``reserve_cpus`` for the decode tasks.
     """
     if actors < 0 or max_actors < 0 or gpus_per_actor < 0 or cpus_per_actor < 0:
-        raise ValueError("--actors, --max-actors, --gpus-per-actor and --cpus-per-actor must not be negative")
+        raise ConfigError("--actors, --max-actors, --gpus-per-actor and --cpus-per-actor must not be negative")
     if actors and max_actors and max_actors < actors:
-        raise ValueError(f"--max-actors {max_actors} is below --actors {actors}")
+        raise ConfigError(f"--max-actors {max_actors} is below --actors {actors}")
     if machine is None:
         num_cpus = cpus_per_actor or 1.0
         threads = 1 if gpus_per_actor else max(1, int(num_cpus))
         return ActorPlan(min_actors=actors or 1, max_actors=actors or max_actors or None, num_cpus=num_cpus,
                          num_gpus=gpus_per_actor, threads=threads)
     if gpus_per_actor > 0 and machine.gpus < gpus_per_actor:
-        raise ValueError(f"--gpus-per-actor {gpus_per_actor:g} but this machine has {machine.gpus:g} GPUs "
-                         "(set RAY_ADDRESS to use a cluster)")
+        raise ConfigError(f"--gpus-per-actor {gpus_per_actor:g} but this machine has {machine.gpus:g} GPUs "
+                          "(set RAY_ADDRESS to use a cluster)")
     if actors == 0:
         actors = max(1, int(machine.gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
     if gpus_per_actor > 0 and actors * gpus_per_actor > machine.gpus:
-        raise ValueError(f"{actors} actors × {gpus_per_actor:g} GPUs exceed this machine's {machine.gpus:g} GPUs")
+        raise ConfigError(f"{actors} actors × {gpus_per_actor:g} GPUs exceed this machine's {machine.gpus:g} GPUs")
     if cpus_per_actor:
         num_cpus = cpus_per_actor
     elif gpus_per_actor > 0:  # GPU actors need a little CPU for batching and host-to-device copies
@@ -299,7 +324,7 @@ def plan_actors(*, actors: int, max_actors: int, gpus_per_actor: float, cpus_per
         num_cpus = max(0.25, min(float(max(1, int(machine.cpus))), (machine.cpus - reserve_cpus) / actors))
         num_cpus = min(num_cpus, max(0.25, machine.cpus / actors))
     if actors * num_cpus > machine.cpus:
-        raise ValueError(f"{actors} actors × {num_cpus:g} CPUs exceed this machine's {machine.cpus:g} CPUs")
+        raise ConfigError(f"{actors} actors × {num_cpus:g} CPUs exceed this machine's {machine.cpus:g} CPUs")
     threads = 1 if gpus_per_actor else max(1, int(round(num_cpus)))
     return ActorPlan(min_actors=actors, max_actors=actors, num_cpus=round(num_cpus, 2), num_gpus=gpus_per_actor,
                      threads=threads)

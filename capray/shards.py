@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
+from capray.errors import ConfigError
 
 WEBDATASET, PARQUET = "webdataset", "parquet"
 KINDS = {"tar": WEBDATASET, "parquet": PARQUET}
@@ -100,7 +101,7 @@ def expand(pattern: str) -> list[str]:
     try:
         return list(dict.fromkeys(braceexpand(pattern)))
     except Exception as exc:  # braceexpand raises plain exceptions for unbalanced braces
-        raise ValueError(f"--input {pattern}: not a brace pattern ({exc})") from None
+        raise ConfigError(f"--input {pattern}: not a brace pattern ({exc})") from None
 
 
 def detect(uri: str, extensions: Sequence[str]) -> str | None:
@@ -112,7 +113,7 @@ def detect(uri: str, extensions: Sequence[str]) -> str | None:
     if is_pattern(uri):
         kinds = {shard_kind(u) for u in expand(uri)}
         if len(kinds) != 1 or None in kinds:
-            raise ValueError(f"--input {uri}: a pattern must name .tar or .parquet files only, of one kind")
+            raise ConfigError(f"--input {uri}: a pattern must name .tar or .parquet files only, of one kind")
         return kinds.pop()
     if storage.is_file(uri):
         return shard_kind(uri)
@@ -133,8 +134,8 @@ def list_shards(uri: str, kind: str, *, image_extensions: Sequence[str] = ()) ->
     found = []
     for listed in storage.list_files(uri, extensions=(extension, *image_extensions)):
         if shard_kind(listed) != kind:
-            raise ValueError(f"--input {uri} holds {kind} shards and images ({storage.basename(listed)}): give a "
-                             "prefix of one kind, or a brace pattern of the shards")
+            raise ConfigError(f"--input {uri} holds {kind} shards and images ({storage.basename(listed)}): give a "
+                              "prefix of one kind, or a brace pattern of the shards")
         found.append(listed)
     return sorted(found)
 
@@ -153,7 +154,7 @@ def check_columns(shard: str, *, image_column: str = "", key_column: str = "") -
     for flag, column in (("--image-column", image), ("--key-column", key_column)):
         if (column and column not in names) or (flag == "--image-column" and not column):
             wanted = column or f"any of {', '.join(IMAGE_COLUMNS)}"
-            raise ValueError(f"{shard}: no column {wanted} for {flag} (it has {', '.join(names)})")
+            raise ConfigError(f"{shard}: no column {wanted} for {flag} (it has {', '.join(names)})")
 
 
 def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: str = "", key_column: str = "",
@@ -170,7 +171,7 @@ def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: s
     elif kind == PARQUET:
         yield from _parquet_samples(shard, image_column=image_column, key_column=key_column, columns=columns)
     else:
-        raise ValueError(f"{shard}: not a .tar or .parquet shard")
+        raise ConfigError(f"{shard}: not a .tar or .parquet shard")
 
 
 class _Counting:

@@ -12,7 +12,7 @@ Errors, the rule: an ``OSError`` or S3 error out of this module is one of two ki
 - ``TransientStorageError`` (an ``OSError``, not a ``ValueError``): what running the same command
   again can fix. Throttling (503 SlowDown, 429), 5xx answers, timeouts, refused or reset
   connections, after the S3 clients' own retries (``S3_MAX_ATTEMPTS``, or ``AWS_MAX_ATTEMPTS``) have given up.
-- ``StorageError`` (a ``ValueError``: the command line exits 2, "fix it"): everything else. A
+- ``StorageError`` (a ``capray.errors.ConfigError``: the command line exits 2, "fix it"): everything else. A
   missing object or file ("no such file"), a missing bucket, access denied, bad credentials, a local
   path that is not a folder, invalid JSON.
 
@@ -42,6 +42,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from capray.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 S3_MAX_ATTEMPTS = 10
@@ -69,7 +71,7 @@ TRANSIENT_ERRNOS = frozenset({
 _AWS_ERROR = re.compile(r"AWS Error (\w+|\[code \d+\])(?: \(HTTP status (\d+)\))?")
 
 
-class StorageError(ValueError):
+class StorageError(ConfigError):
     """A location that cannot be used as it is (missing bucket or file, access denied, invalid JSON):
     running the same command again will not help."""
 

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from capray import storage
 from capray.config import SYNTH_FORMATS, SynthConfig
 from capray.annotations import SPLITS
+from capray.errors import ConfigError
 from capray.vocab import tokenize
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,9 @@ def generate(out: str, config: SynthConfig, *, format: str = "files", samples_pe
     """Write the dataset under ``out`` (a local path or ``s3://`` URI) in ``format`` (see the module
     docstring); return the manifest URI (files) or the folder of the shards (webdataset, parquet)."""
     if format not in SYNTH_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(SYNTH_FORMATS)}, got {format!r}")
+        raise ConfigError(f"format must be one of {', '.join(SYNTH_FORMATS)}, got {format!r}")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     splits = assign_splits(config)
     logger.info("shapes world: drawing %d images of %d px into %s (%s)", config.num_images, config.image_size,
                 out, format)

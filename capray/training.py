@@ -23,9 +23,11 @@ import torch
 
 from capray import storage
 from capray.config import TrainConfig
-from capray.checkpoint import decoder_state, model_state, read_state, write_checkpoint
-from capray.formats import ENCODER_STATE_FILE, FEATURES, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, VOCAB_FILE
-from capray.loop import Examples, amp_settings, bleu4, collate, evaluate_batches, train_epoch
+from capray.checkpoint import CheckpointError, decoder_state, model_state, read_state, write_checkpoint
+from capray.errors import ConfigError
+from capray.formats import (CONFIG_FILE, ENCODER_STATE_FILE, FEATURES, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE,
+                            VOCAB_FILE)
+from capray.loop import Examples, Schedule, amp_settings, bleu4, collate, evaluate_batches, train_epoch
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
 
@@ -95,7 +97,7 @@ def train_worker(loop_config: dict) -> None:
             log.info("resuming from the checkpoint of epoch %d (step %d)", epoch, step)
     model = ray.train.torch.prepare_model(decoder, parallel_strategy_kwargs=ddp_options())
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    total_steps = loop_config["steps_per_epoch"] * config.epochs
+    schedule = Schedule(**loop_config["schedule"])  # the run's, decided by the driver (see resume_schedule)
     encoder_state = read_state(loop_config["encoder_state_uri"]) if rank == 0 else None
     events = EventLog(storage.join(loop_config["run_dir"], TENSORBOARD_DIR)) if rank == 0 else None
     held: dict[str, Examples] = {}  # the worker's shares in memory, when they fit (loop_config["hold"])
@@ -119,7 +121,8 @@ def train_worker(loop_config: dict) -> None:
                 val_batches = (collate(raw, device) for raw in val_shard.iter_batches(batch_size=config.batch_size,
                                                                                      batch_format="numpy"))
             train_metrics, step = train_epoch(model, optimizer, batches, config=config, device=device, scaler=scaler,
-                                              step=step, total_steps=total_steps)
+                                              step=step, schedule=schedule, epoch=epoch,
+                                              steps_per_epoch=loop_config["steps_per_epoch"])
             validate = (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs
             val = evaluate_batches(decoder, val_batches, vocab, max_length=config.max_length,
                                    max_images=max(1, config.val_images // world) if validate else 0)
@@ -143,7 +146,8 @@ def train_worker(loop_config: dict) -> None:
                 with tempfile.TemporaryDirectory() as directory:
                     write_checkpoint(directory, state=model_state(encoder_state=encoder_state,
                                                                   decoder_state=decoder.state_dict()),
-                                     config=loop_config["checkpoint_config"], vocab=vocab, train_state=metrics,
+                                     config=loop_config["checkpoint_config"], vocab=vocab,
+                                     train_state={**metrics, "schedule": schedule.to_dict()},
                                      optimizer_state={"optimizer": optimizer.state_dict(),
                                                       **({"scaler": scaler.state_dict()} if scaler else {})})
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -327,7 +331,7 @@ def _feature_statistics(uri: str, *, max_images: int) -> tuple[np.ndarray, np.nd
         total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
         count += x.shape[0]
     if not count:
-        raise ValueError("the train split has no feature rows")
+        raise ConfigError("the train split has no feature rows")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
@@ -346,14 +350,14 @@ def train(config: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from capray.features import load_prepare_info
+    from capray.features import check_split, load_prepare_info
     from capray.runtime import ensure_ray, local_machine, wait_for_resources, worker_cpus
 
     started = time.perf_counter()
     info = load_prepare_info(config.features)
     for split in ("train", "val"):
         if not info["splits"].get(split, {}).get("images"):
-            raise ValueError(f"{config.features}: the {split} split has no images; prepare it first")
+            raise ConfigError(f"{config.features}: the {split} split has no images; prepare it first")
     storage.check_bucket(config.out)
     vocab = Vocabulary.load(storage.join(config.features, VOCAB_FILE))
     decoder_config = DecoderConfig(vocab_size=len(vocab), feature_dim=info["num_features"], kind=config.decoder,
@@ -362,15 +366,22 @@ def train(config: TrainConfig) -> dict:
                                    dropout=config.dropout, start_id=vocab.start_id, end_id=vocab.end_id,
                                    num_regions=info["num_regions"] if config.positions != "none" else 0,
                                    positions="learned" if config.positions == "none" else config.positions)
+    for split in ("train", "val"):  # a damaged or changed feature set is found here, not inside the workers
+        check_split(config.features, split, info)
     run_dir = storage.join(config.out, config.name)
     previous = existing_checkpoints(run_dir)
+    schedule = Schedule.new(config.epochs)
     if previous:
-        latest = max((storage.read_json(storage.join(d, TRAIN_STATE_FILE)) for d in previous),
-                     key=lambda state: state["epoch"])
+        states = {d: storage.read_json(storage.join(d, TRAIN_STATE_FILE)) for d in previous}
+        latest_dir = max(states, key=lambda d: states[d]["epoch"])
+        latest = states[latest_dir]
+        trained_with = storage.read_json(storage.join(latest_dir, CONFIG_FILE))
+        check_decoder_matches(trained_with, decoder_config, run_dir=run_dir)
         if latest["epoch"] + 1 >= config.epochs:
             log.info("run %s already trained %d epochs; pass a larger --epochs to continue", run_dir,
                      latest["epoch"] + 1)
             return _summary(run_dir, config, latest, resumed=True, checkpoint=None, started=started)
+        schedule = resume_schedule(latest, trained_with, epochs=config.epochs)
         log.info("resuming run %s from epoch %d (%d checkpoint(s) in %s); training continues up to epoch %d",
                  config.name, latest["epoch"] + 1, len(previous), run_dir, config.epochs)
     ensure_ray(dashboard=True)
@@ -378,8 +389,8 @@ def train(config: TrainConfig) -> dict:
     cpus = config.cpus_per_worker or worker_cpus(workers=config.workers, machine=machine)
     worker = {"CPU": cpus, **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     if machine is not None and config.gpus_per_worker * config.workers > machine.gpus:
-        raise ValueError(f"--gpus-per-worker {config.gpus_per_worker:g} with {config.workers} workers but this "
-                         f"machine has {machine.gpus:g} GPUs")
+        raise ConfigError(f"--gpus-per-worker {config.gpus_per_worker:g} with {config.workers} workers but this "
+                          f"machine has {machine.gpus:g} GPUs")
     if machine is None:  # a cluster: GPU nodes may not be up yet; Ray Train itself would retry forever
         wait_for_resources([worker] * config.workers, timeout_s=config.wait_timeout, what="train")
     train_images = info["splits"]["train"]["images"]
@@ -396,6 +407,7 @@ def train(config: TrainConfig) -> dict:
         "feature_mean": mean.tolist(),
         "feature_std": std.tolist(),
         "steps_per_epoch": math.ceil(train_images / config.workers / config.batch_size),
+        "schedule": schedule.to_dict(),
         "threads": max(1, int(cpus)),
         "encoder_state_uri": storage.join(config.features, ENCODER_STATE_FILE),
         "checkpoint_config": {"encoder": info["encoder"], "decoder": decoder_config.to_dict(),
@@ -422,6 +434,52 @@ def train(config: TrainConfig) -> dict:
     write_run_plots(run_dir, features=config.features, images=config.attention_images)
     return _summary(run_dir, config, result.metrics or {}, resumed=bool(previous),
                     checkpoint=result.checkpoint.path if result.checkpoint else None, started=started)
+
+
+DECODER_FLAGS = {"kind": "--decoder", "embed_dim": "--embed-dim", "hidden_dim": "--hidden-dim",
+                 "projection_dim": "--projection-dim", "attention_dim": "--attention-dim", "dropout": "--dropout",
+                 "positions": "--positions", "num_regions": "--positions"}
+"""The flag behind each ``DecoderConfig`` field; the others (vocabulary size, channels, special ids) come from
+``--features``."""
+
+
+def check_decoder_matches(trained_with: dict, decoder_config: DecoderConfig, *, run_dir: str) -> None:
+    """Raise ``CheckpointError`` (exit 2), naming every differing setting, when the decoder this command
+    would build is not the one the run's checkpoint holds: found here, before any worker starts (each
+    worker would fail to load the weights, and the run would spend ``--max-failures`` on it)."""
+    try:
+        before = DecoderConfig(**trained_with["decoder"]).to_dict()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"run {run_dir}: its latest checkpoint's {CONFIG_FILE} does not fit this capray "
+                              f"({exc})") from exc
+    now = decoder_config.to_dict()
+    differ = [name for name in now if before.get(name) != now[name]]
+    if differ:
+        what = ", ".join(f"{name} {before.get(name)} → {now[name]} ({DECODER_FLAGS.get(name, '--features')})"
+                         for name in differ)
+        raise CheckpointError(f"run {run_dir} was trained with another decoder: {what}; resume it with the "
+                              f"settings it was started with, or start a new run (--name)")
+
+
+def resume_schedule(latest: dict, trained_with: dict, *, epochs: int) -> Schedule:
+    """The learning-rate schedule of a run resumed after its latest checkpoint (``latest``: its train state).
+
+    The run's own schedule, in epochs (so another ``--workers`` changes nothing); with another ``--epochs``
+    the cosine goes on from the rate reached and decays to 1% of the peak by the new last epoch
+    (``Schedule.retarget``). Checkpoints from before the schedule was saved had a new run's schedule
+    over the epochs they were started with.
+    """
+    if "schedule" in latest:
+        schedule = Schedule(**latest["schedule"])
+    else:
+        schedule = Schedule.new(trained_with.get("training", {}).get("epochs", epochs))
+    done = latest["epoch"] + 1
+    if schedule.end_epoch != epochs:
+        log.info("--epochs %d (the run's schedule ended at epoch %g): the learning rate goes on from %.3g of its "
+                 "peak after epoch %d and decays to 1%% of it by epoch %d", epochs, schedule.end_epoch,
+                 schedule.factor(done), done, epochs)
+        schedule = schedule.retarget(done, epochs)
+    return schedule
 
 
 def _summary(run_dir: str, config: TrainConfig, metrics: dict, *, resumed: bool, checkpoint: str | None,

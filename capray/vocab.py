@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from capray import storage
+from capray.errors import ConfigError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # PAD must stay at index 0: padded positions are masked by id 0
@@ -24,9 +25,9 @@ class Vocabulary:
 
     def __init__(self, words: Sequence[str]):
         if tuple(words[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}, got {list(words[:4])}")
+            raise ConfigError(f"a vocabulary must start with {list(SPECIALS)}, got {list(words[:4])}")
         if len(set(words)) != len(words):
-            raise ValueError("a vocabulary must not repeat words")
+            raise ConfigError("a vocabulary must not repeat words")
         self.words = list(words)
         self.index = {w: i for i, w in enumerate(self.words)}
         self.pad_id, self.start_id, self.end_id, self.unk_id = (self.index[s] for s in SPECIALS)
@@ -44,9 +45,9 @@ class Vocabulary:
         Ties are broken alphabetically so the same captions always give the same vocabulary.
         """
         if size <= len(SPECIALS):
-            raise ValueError(f"vocabulary size must exceed {len(SPECIALS)}, got {size}")
+            raise ConfigError(f"vocabulary size must exceed {len(SPECIALS)}, got {size}")
         if min_count < 1:
-            raise ValueError(f"min word count must be at least 1, got {min_count}")
+            raise ConfigError(f"min word count must be at least 1, got {min_count}")
         counts = Counter(w for c in captions for w in tokenize(c))
         ranked = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
                         key=lambda w: (-counts[w], w))
@@ -77,7 +78,7 @@ class Vocabulary:
     @classmethod
     def from_json(cls, obj: dict) -> "Vocabulary":
         if not isinstance(obj, dict) or not isinstance(obj.get("words"), list):
-            raise ValueError('a vocabulary file must be {"words": [...]}')
+            raise ConfigError('a vocabulary file must be {"words": [...]}')
         return cls(obj["words"])
 
     def save(self, uri: str) -> None:
@@ -90,4 +91,4 @@ class Vocabulary:
         except storage.StorageError:
             raise  # already names the file
         except ValueError as exc:
-            raise ValueError(f"{uri}: {exc}") from exc
+            raise ConfigError(f"{uri}: {exc}") from exc

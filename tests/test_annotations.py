@@ -8,6 +8,7 @@ import pytest
 
 from capray import storage
 from capray.annotations import AnnotationError, Record, pair_sources, read_annotations, read_sources
+from capray.errors import ConfigError
 
 COCO = {
     "info": {"description": "tiny"},
@@ -288,8 +289,8 @@ def test_missing_annotation_file(tmp_path):
 
 
 def test_annotation_error_is_a_value_error():
-    # the command line reports every ValueError as bad usage (exit code 2)
-    assert issubclass(AnnotationError, ValueError)
+    # the command line reports every ConfigError as bad usage (exit code 2)
+    assert issubclass(AnnotationError, ConfigError) and issubclass(AnnotationError, ValueError)
 
 
 # --- several sources: COCO as it comes (two files, two image folders) ---------------------------------

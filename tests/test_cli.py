@@ -227,3 +227,146 @@ def test_old_flag_names_still_work_and_warn(command, old, new, capsys):
     assert f"{old} is deprecated" in capsys.readouterr().err
     via_new = cli.build(command, cli.parser(command).parse_args(base + [new[0], value[0]]))
     assert via_old == via_new
+
+
+# --- exit codes: 2 for what the user must fix, 1 for the rest; locations checked first --------------
+
+def _feature_dataset(root, *, rows: dict[str, int], damaged: str | None = None):
+    """A feature dataset as train reads it first: prepare.json, vocab.json and split files (any columns:
+    train's checks read only the footers). ``damaged``: a split whose file is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capray.vocab import Vocabulary
+
+    root.mkdir(parents=True)
+    (root / "prepare.json").write_text(json.dumps({
+        "splits": {s: {"images": n, "captions": n} for s, n in rows.items()}, "num_features": 8,
+        "num_regions": 4, "encoder": {}}))
+    Vocabulary.build(["a red circle", "a blue square"]).save(str(root / "vocab.json"))
+    for split, n in rows.items():
+        (root / split).mkdir()
+        if split == damaged:
+            (root / split / "part-0.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+        else:
+            pq.write_table(pa.table({"image_id": [str(i) for i in range(n)]}), root / split / "part-0.parquet")
+    return root
+
+
+def test_a_local_path_is_refused_on_a_cluster_before_anything_starts(tmp_path):
+    """RAY_ADDRESS names a cluster (here nothing listens there: the refusal comes before any connection)."""
+    cluster = {"RAY_ADDRESS": "127.0.0.1:1"}
+    result = run_cli("train", "--features", str(tmp_path / "f"), "--out", "s3://bucket/runs", env=cluster)
+    assert_one_line_exit_2(result, f"--features {tmp_path / 'f'}", "local path", "--shared-fs", "CAPRAY_SHARED_FS=1")
+    assert "s3://bucket/runs" not in result.stderr  # only the local ones are named
+
+    # Declared shared, the same command gets past the check to the next one (no feature dataset there).
+    for declared in ({"flags": ["--shared-fs"], "env": {}}, {"flags": [], "env": {"CAPRAY_SHARED_FS": "1"}}):
+        result = run_cli("train", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "runs"),
+                         *declared["flags"], env={**cluster, **declared["env"]})
+        assert_one_line_exit_2(result, "not a feature dataset")
+
+
+def test_an_http_ray_address_is_not_a_cluster_to_refuse_local_paths_for(tmp_path):
+    """The README's `export RAY_ADDRESS=http://localhost:8265` (for ray job submit) leaves local commands local."""
+    result = run_cli("train", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "runs"),
+                     env={"RAY_ADDRESS": "http://localhost:8265"})
+    assert_one_line_exit_2(result, "not a feature dataset")
+
+
+def test_an_output_that_cannot_be_written_is_exit_2_before_any_work(tmp_path):
+    """Root-proof: a path under a regular file cannot be created by anyone (chmod does not stop root)."""
+    (tmp_path / "a-file").write_text("not a folder")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red circle"], "split": "train"}) + "\n")
+    result = run_cli("prepare", "--annotations", str(manifest), "--out", str(tmp_path / "a-file" / "features"),
+                     "--encoder.name", "no_such_net")  # checked later: the output is refused first
+    assert_one_line_exit_2(result, f"--out {tmp_path / 'a-file' / 'features'} cannot be written")
+
+
+def test_a_damaged_feature_file_is_exit_2_in_one_line_before_training(tmp_path):
+    features = _feature_dataset(tmp_path / "features", rows={"train": 3, "val": 2}, damaged="val")
+    result = run_cli("train", "--features", str(features), "--out", str(tmp_path / "runs"))
+    assert_one_line_exit_2(result, f"{features / 'val'}: a feature file is damaged", "capray prepare --splits val")
+
+
+def test_feature_files_that_disagree_with_prepare_json_are_exit_2(tmp_path):
+    features = _feature_dataset(tmp_path / "features", rows={"train": 3, "val": 2})
+    info = json.loads((features / "prepare.json").read_text())
+    info["splits"]["train"]["images"] = 5
+    (features / "prepare.json").write_text(json.dumps(info))
+    result = run_cli("train", "--features", str(features), "--out", str(tmp_path / "runs"))
+    assert_one_line_exit_2(result, "3 feature rows, but prepare.json records 5")
+
+
+def test_a_resumed_run_with_other_decoder_flags_is_exit_2_before_any_worker_starts(tmp_path):
+    """The run's checkpoint holds a GRU decoder of hidden size 16; asking for an LSTM of 32 names both."""
+    from capray.checkpoint import write_checkpoint
+    from capray.model import DecoderConfig
+    from capray.vocab import Vocabulary
+
+    features = _feature_dataset(tmp_path / "features", rows={"train": 3, "val": 2})
+    vocab = Vocabulary.load(str(features / "vocab.json"))
+    trained = DecoderConfig(vocab_size=len(vocab), feature_dim=8, kind="gru", embed_dim=8, hidden_dim=16,
+                            projection_dim=8, attention_dim=8, num_regions=4, positions="grid")
+    write_checkpoint(str(tmp_path / "runs" / "r" / "checkpoint_000000"), state={}, vocab=vocab,
+                     config={"decoder": trained.to_dict()}, train_state={"epoch": 0, "step": 1})
+    common = ["train", "--features", str(features), "--out", str(tmp_path / "runs"), "--name", "r", "--epochs", "3",
+              "--embed-dim", "8", "--projection-dim", "8", "--attention-dim", "8"]
+
+    result = run_cli(*common, "--decoder", "lstm", "--hidden-dim", "32")
+
+    assert_one_line_exit_2(result, "kind gru → lstm (--decoder)", "hidden_dim 16 → 32 (--hidden-dim)")
+    assert "embed_dim" not in result.stderr  # only what differs
+    assert "Ray" not in result.stderr and not (tmp_path / "runs" / "r" / "metrics.jsonl").exists()
+
+
+def test_an_unexpected_value_error_from_deep_inside_is_exit_1_not_usage(tmp_path, monkeypatch, capsys):
+    """pyarrow's ArrowInvalid is a ValueError, but not the user's to fix: exit 1, one line."""
+    import pyarrow as pa
+
+    def dispatch(command, config):
+        raise pa.ArrowInvalid("Parquet magic bytes not found in footer")
+
+    monkeypatch.setattr(cli, "_dispatch", dispatch)
+    args = cli.parser().parse_args(["evaluate", "--checkpoint", str(tmp_path), "--features", str(tmp_path),
+                                    "--out", str(tmp_path / "eval")])
+    assert cli.run("evaluate", args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "failed: ArrowInvalid: Parquet magic bytes" in lines[0], lines
+
+
+@pytest.mark.parametrize("error, code", [
+    (PermissionError(13, "Permission denied", "/out/part-0.parquet"), 2),
+    (NotADirectoryError(20, "Not a directory", "/out/x"), 2),
+    (ConnectionResetError(104, "Connection reset by peer"), 1),
+    (RuntimeError("something else"), 1),
+])
+def test_an_os_error_is_the_users_when_its_errno_says_so(error, code):
+    from capray.errors import ConfigError
+    from capray.storage import StorageError, TransientStorageError
+
+    assert (cli.user_error(error) is not None) == (code == 2)
+    wrapped = RuntimeError("the write task failed")
+    wrapped.__cause__ = error
+    assert (cli.user_error(wrapped) is error) == (code == 2)
+    assert cli.user_error(StorageError("s3://b/x: Access Denied")) is not None
+    assert cli.user_error(TransientStorageError("s3://b/x: SlowDown")) is None
+    assert cli.user_error(ConfigError("x")) is not None and cli.user_error(ValueError("x")) is None
+
+
+def test_a_config_error_raised_inside_a_ray_task_is_exit_2_with_its_own_line(ray_local):
+    """Ray re-raises a task's exception wrapped (a RayTaskError that subclasses its class and carries the
+    whole remote traceback as its text): the user's error is found inside and told in its own one line."""
+    import ray
+
+    from capray.errors import ConfigError
+
+    @ray.remote
+    def fails():
+        raise ConfigError("--input s3://b/in: no such folder, prefix or file")
+
+    with pytest.raises(ConfigError) as info:
+        ray.get(fails.remote())
+    cause = cli.user_error(info.value)
+    assert cause is not info.value and str(cause) == "--input s3://b/in: no such folder, prefix or file"

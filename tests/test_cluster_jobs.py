@@ -28,6 +28,8 @@ NODE_TYPES = {
     "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
     "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
 }
+SHARED_FS = {"CAPRAY_SHARED_FS": "1"}
+"""The fake cluster's nodes are processes of this machine: its local paths are a filesystem they all share."""
 SMALL_DECODER = ["--embed-dim", "32", "--hidden-dim", "64", "--projection-dim", "32", "--attention-dim", "32",
                  "--batch-size", "16", "--val-images", "20", "--learning-rate", "3e-3"]
 
@@ -53,7 +55,7 @@ def world(tmp_path_factory) -> dict:
 def _start(cluster: FakeCluster, argv: list[str], log: Path):
     """A job in the background, its output in ``log`` (a pipe nobody reads would stall it)."""
     with open(log, "w") as out:
-        return cluster.popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
+        return cluster.popen(argv, env=SHARED_FS, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(job, log: Path, *, timeout: float) -> str:
@@ -106,7 +108,7 @@ def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world):
     cluster.wait_for_workers(0, timeout=120)
     result = cluster.run(_job("prepare", "--annotations", world["manifest"], "--out", world["features"],
                               "--encoder.name", "efficientnet_lite0", "--encoder.image-size", "64", "--batch-size", "16",
-                              "--vocab-size", "100"), timeout=600)
+                              "--vocab-size", "100"), timeout=600, env=SHARED_FS)
     assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
     info = json.loads(Path(world["features"], "prepare.json").read_text())
     assert info["num_images"] == 240 and info["num_errors"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pyarrow as pa
 import pytest
@@ -83,3 +84,44 @@ def test_decode_lists_permanent_failures_and_raises_transient_ones(s3_bucket, fa
         read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/throttled.png"]), image_size=32,
                         errors_dir=str(tmp_path / "errors-2"))
     assert not (tmp_path / "errors-2").exists()  # not recorded as a bad image: the set never shrinks silently
+
+
+# --- --splits: only the named splits are replaced -------------------------------------------------
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_prepare_splits_rewrites_only_the_named_splits_and_keeps_the_others_record(ray_local, tmp_path):
+    from dataclasses import replace
+
+    from capray.errors import ConfigError
+    from capray.synth import SynthConfig, generate
+
+    manifest = generate(str(tmp_path / "shapes"), SynthConfig(num_images=40, seed=1, image_size=64))
+    out = tmp_path / "features"
+    config = PrepareConfig(annotations=manifest, out=str(out), encoder=EncoderSpec("resnet18", "none", 64), actors=1,
+                           batch_size=8, vocab_size=60)
+    prepare(config)
+    before = json.loads((out / PREPARE_FILE).read_text())
+    kept = {split: _files(out / split) for split in ("train", "val")}
+    old_test = set(_files(out / "test"))
+    vocab = (out / "vocab.json").read_bytes()
+
+    summary = prepare(replace(config, splits=("test",)))
+
+    after = json.loads((out / PREPARE_FILE).read_text())
+    assert {split: _files(out / split) for split in ("train", "val")} == kept  # not a byte touched
+    assert {s: after["splits"][s] for s in ("train", "val")} == {s: before["splits"][s] for s in ("train", "val")}
+    assert after["splits"]["test"] == before["splits"]["test"] and set(_files(out / "test")).isdisjoint(old_test)
+    assert after["num_images"] == before["num_images"] == summary["num_images"]
+    assert (out / "vocab.json").read_bytes() == vocab and after["config"]["splits"] == ["train", "val", "test"]
+
+    # Settings that would make the kept splits disagree with the rewritten one: refused before anything changes.
+    for other, needle in ((replace(config, splits=("test",), vocab_size=61), "--vocab-size (60 → 61)"),
+                          (replace(config, splits=("val",), encoder=EncoderSpec("resnet18", "none", 96)),
+                           "--encoder.image-size (64 → 96)")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            prepare(other)
+        assert json.loads((out / PREPARE_FILE).read_text()) == after

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from capray.errors import ConfigError
 from capray import storage
 from capray.config import GalleryConfig
 from capray.formats import CAPTION_SCHEMA, PREPARE_FILE
@@ -227,7 +228,7 @@ def test_read_batches_streams_bounded_batches_of_the_needed_columns_over_many_ro
 
 
 def test_a_folder_without_caption_shards_is_a_usage_error(tmp_path):
-    with pytest.raises(ValueError, match="no caption shards"):
+    with pytest.raises(ConfigError, match="no caption shards"):
         list(read_batches(str(tmp_path)))
 
 

@@ -96,7 +96,8 @@ def test_caption_job_runs_through_ray_job_submit(tmp_path):
         assert start.returncode == 0, start.stderr[-2000:]
         submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO), "--",
                   "python", "jobs/caption.py", "--input", str(images), "--out", str(output),
-                  "--checkpoint", str(tmp_path / "checkpoint"), "--actors", "1", "--batch-size", "2"]
+                  "--checkpoint", str(tmp_path / "checkpoint"), "--actors", "1", "--batch-size", "2",
+                  "--shared-fs"]  # a one-node cluster on this machine: its local paths are every node's
         # Right after `ray start` the job server may answer before the node's agent has registered
         # ("No available agent to submit job"); nothing was submitted then, so trying again is safe.
         deadline = time.monotonic() + 120

@@ -95,3 +95,64 @@ def test_ddp_wraps_the_decoder_without_a_buffer_broadcast_every_step(tmp_path):
         assert decoder.cell.weight_hh.grad is not None and decoder.position_map.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+# --- the learning-rate schedule: in epochs, continued on resume ------------------------------------
+
+def test_a_resumed_run_with_more_epochs_goes_on_from_the_rate_it_had_reached():
+    from capray.loop import FINAL_FACTOR, Schedule
+
+    first = Schedule.new(10)
+    after_six = first.factor(6.0)
+    extended = first.retarget(6, 20)
+    rates = [extended.factor(6.0 + i / 10) for i in range(141)]  # epochs 6..20 in tenths
+    assert abs(rates[0] - after_six) < 1e-12  # no jump back up at the resume ...
+    assert all(b <= a + 1e-12 for a, b in zip(rates, rates[1:]))  # ... a decay from there ...
+    assert abs(rates[-1] - FINAL_FACTOR) < 1e-12  # ... to 1% at the new last epoch
+    assert extended.factor(13.0) > first.factor(13.0)  # spread over the longer run, not the old one's floor
+    assert first.retarget(6, 10) == first  # the same --epochs: the same schedule
+    shorter = first.retarget(6, 8)
+    assert abs(shorter.factor(6.0) - after_six) < 1e-12 and abs(shorter.factor(8.0) - FINAL_FACTOR) < 1e-12
+
+
+def test_a_resume_during_the_warm_up_keeps_warming_up():
+    from capray.loop import Schedule
+
+    first = Schedule.new(100)  # warm-up: the first 2 epochs
+    longer = first.retarget(1, 200)
+    assert longer.factor(1.0) == first.factor(1.0) < 1.0 and longer.factor(2.0) == 1.0
+
+
+def test_the_rate_at_an_epoch_does_not_depend_on_the_steps_per_epoch():
+    """A run resumed with another --workers has another number of steps per epoch: the learning rate
+    after an epoch is the same, because the schedule counts epochs."""
+    from capray.config import TrainConfig
+    from capray.loop import Schedule, train_epoch
+
+    examples = Examples.from_batches([_batch(num_images=8)])
+    config = TrainConfig(features="f", out="o", learning_rate=1e-2)
+    schedule = Schedule.new(10)
+    rates = []
+    for batch_size in (2, 4, 8):  # 4, 2 and 1 steps per epoch
+        torch.manual_seed(0)
+        decoder = Decoder(DecoderConfig(vocab_size=30, feature_dim=5, embed_dim=8, hidden_dim=8, projection_dim=8,
+                                        attention_dim=8))
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate)
+        _, steps = train_epoch(decoder, optimizer, examples.batches(batch_size, device=CPU, seed=0), config=config,
+                               device=CPU, schedule=schedule, epoch=3, steps_per_epoch=8 // batch_size, step=0)
+        assert steps == 8 // batch_size
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [rates[0]] * 3 and abs(rates[0] - 1e-2 * schedule.factor(4.0)) < 1e-15
+
+
+def test_a_resumed_run_takes_its_schedule_from_its_checkpoint():
+    from capray.loop import Schedule
+    from capray.training import resume_schedule
+
+    saved = Schedule.new(10).retarget(4, 12)  # a run already extended once
+    latest = {"epoch": 7, "schedule": saved.to_dict()}  # 8 epochs done
+    assert resume_schedule(latest, {}, epochs=12) == saved  # the same --epochs: as it was
+    assert resume_schedule(latest, {}, epochs=16) == saved.retarget(8, 16)
+    # A checkpoint from before schedules were saved had a new run's over the epochs it was started with.
+    assert resume_schedule({"epoch": 7}, {"training": {"epochs": 10}}, epochs=10) == Schedule.new(10)
+    assert resume_schedule({"epoch": 7}, {"training": {"epochs": 10}}, epochs=20) == Schedule.new(10).retarget(8, 20)

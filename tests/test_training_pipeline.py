@@ -333,3 +333,21 @@ def test_event_log_of_an_s3_run_removes_its_local_copy(s3_bucket):
     scalars = _tensorboard_scalars(uri)
     assert [(tag, step) for tag, step, _ in scalars if tag == "loss/train"] == [("loss/train", 1), ("loss/train", 2)]
     assert [(step, value) for tag, step, value in scalars if tag == "bleu4/val"] == [(2, 0.5)]
+
+
+def test_a_run_resumed_with_more_epochs_and_workers_continues_its_learning_rate(pipeline, tmp_path):
+    """2 epochs on 1 worker, then resumed to 4 epochs on 2 workers (half the steps per epoch). The first run
+    ended its cosine at 1% of the peak; the resumed one goes on from there (metrics.jsonl's lr column) and
+    never jumps back up, as recomputing the cosine over 4 epochs in steps of the new worker count did."""
+    from capray.loop import FINAL_FACTOR, Schedule
+
+    first = TrainConfig(features=pipeline["features"], out=str(tmp_path), name="extended", workers=1, epochs=2,
+                        val_every=2, attention_images=0, **{**SMALL_DECODER, "val_images": 8})
+    train(first)
+    train(replace(first, epochs=4, workers=2))
+
+    rates = [m["lr"] for m in read_metrics(str(tmp_path / "extended"))]
+    assert len(rates) == 4 and all(b <= a for a, b in zip(rates, rates[1:])), rates  # never back up
+    assert rates[1:] == pytest.approx([first.learning_rate * FINAL_FACTOR] * 3, rel=1e-6), rates
+    latest = storage.read_json(f"{resolve_latest(str(tmp_path / 'extended'))}/{TRAIN_STATE_FILE}")
+    assert Schedule(**latest["schedule"]) == Schedule.new(2).retarget(2, 4)
