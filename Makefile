@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-extended test-all bench bundle gpu-check clean
+.PHONY: install demo test test-fast test-extended test-all bench million bundle gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: $(STAMP)
 	$(PY) bench/train_scaling.py
 	$(PY) bench/listing_memory.py --json bench-output/listing_memory.json
 	$(PY) bench/shard_input.py --json bench-output/shard_input.json
+
+# A million images through caption, killed half way and resumed (most of an hour or more; not in make bench).
+million: $(STAMP)
+	$(PY) bench/million.py --loose --json bench-output/million.json
 
 # What an air-gapped GPU node (Python 3.12, its own torch stack, no Ray, no index) needs to run capray:
 # dist/capray-bundle-py312-manylinux2014_x86_64/, carried with the call; install.sh there installs it.
