@@ -389,8 +389,9 @@ class CaptionConfig:
     retry_errors: bool = False
     """Caption again every image that has an error row in ``out`` (after the cause is fixed); its
     error row is replaced, so the output still holds one row per image."""
-    rows_per_shard: int = 10_000
-    """Rows per Parquet shard (the last of a run may have fewer): few, large files read back fast."""
+    rows_per_shard: int = 2_000
+    """Rows per Parquet shard (the last of a run may have fewer). A killed run loses what its write tasks
+    had not written yet, about a shard's worth; fewer, larger files read back faster on resume."""
     image_column: str = ""
     """Parquet input: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
     image_bytes it has; a ``{bytes, path}`` struct works too)."""
