@@ -8,7 +8,6 @@ decodes the samples the records name.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from ray.data.datasource import FilenameProvider
 
 from capray import shards, storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray.checkpoint import state_bytes
 from capray.config import PrepareConfig
 from capray.encoders import EncoderSpec, build_encoder
 from capray.errors import ConfigError
@@ -220,7 +220,7 @@ def prepare(config: PrepareConfig) -> dict:
     vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
-    encoder_state = _state_bytes(encoder.state_dict())
+    encoder_state = state_bytes({k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     del encoder
     previous, kept = _kept_splits(config, spec=spec, vocab=vocab)
     if kept:  # the kept splits' tokens are ids of the dataset's vocabulary: it stays
@@ -447,9 +447,3 @@ def _collect_errors(errors_dir: str) -> list[dict]:
                 seen[failure["image"]] = failure
     storage.delete_dir(errors_dir)
     return sorted(seen.values(), key=lambda f: f["image"])
-
-
-def _state_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-    return buffer.getvalue()
