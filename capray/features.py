@@ -24,16 +24,18 @@ from ray.data.datasource import FilenameProvider
 
 from capray import shards, storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray.autoscaler import wait_for_resources
 from capray.checkpoint import state_bytes
 from capray.config import PrepareConfig
+from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
 from capray.precision import EncoderStage
-from capray.runtime import (ActorPlan, ModelThread, ensure_ray, local_machine, map_with_retries, plan_actors,
-                            wait_for_resources)
+from capray.sizing import ActorPlan, local_machine, plan_actors
+from capray.tasks import ModelThread, map_with_retries
 from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
