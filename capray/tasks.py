@@ -15,7 +15,7 @@ class ModelThread:
 
     torch's CPU thread pool (OpenMP) belongs to the thread that uses it, and Ray Data calls an actor's
     UDF from a worker thread of its own, not the thread that ran ``__init__``. A model loaded on one
-    thread and run on another keeps two pools on the same cores, and a captioner ran ~30% slower so
+    thread and run on another keeps two pools on the same cores; a captioner ran ~30% slower that way
     (docs/benchmarks.md).
     """
 
