@@ -36,11 +36,11 @@ import torch
 
 from capray import storage
 from capray.captioning import CaptionConfig, plan_resources
-from capray.runtime import Machine
 from capray.checkpoint import load_checkpoint, model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
 from capray.images import decode_image
 from capray.model import Decoder, DecoderConfig
+from capray.sizing import Machine
 from capray.synth import SynthConfig, generate
 from capray.vocab import SPECIALS, Vocabulary
 

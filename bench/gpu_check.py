@@ -236,7 +236,7 @@ def shapes_on_ray(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     from capray.config import PrepareConfig, SynthConfig, TrainConfig
     from capray.evaluation import EvaluateConfig, evaluate
     from capray.features import prepare
-    from capray.runtime import ensure_ray
+    from capray.connect import ensure_ray
     from capray.synth import generate
     from capray.training import train
 
@@ -341,8 +341,9 @@ def caption_texts(output: str) -> dict[str, str]:
 
 def seed_training(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     from capray.config import TrainConfig
-    from capray.runtime import ensure_ray
-    from capray.training import read_metrics, train
+    from capray.connect import ensure_ray
+    from capray.runlog import read_metrics
+    from capray.training import train
 
     ensure_ray()
     features = os.path.join(workdir, "seed-features")

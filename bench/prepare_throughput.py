@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from capray import storage
+from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.features import PrepareConfig, prepare
 from capray.images import decode_image
-from capray.runtime import ensure_ray, local_machine, plan_actors
+from capray.sizing import local_machine, plan_actors
 from capray.synth import SynthConfig, generate
 
 

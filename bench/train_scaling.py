@@ -35,12 +35,14 @@ import torch.nn.functional as F
 
 from capray import storage
 from capray.config import PrepareConfig, SynthConfig, TrainConfig
+from capray.connect import ensure_ray
 from capray.demo import demo_encoder, demo_preset
 from capray.features import prepare
 from capray.model import Decoder, DecoderConfig
-from capray.runtime import ensure_ray
+from capray.runlog import read_metrics
 from capray.synth import generate
-from capray.training import ddp_options, read_metrics, train
+from capray.training import train
+from capray.training_worker import ddp_options
 from capray.vocab import Vocabulary
 
 DECODER = dict(embed_dim=128, hidden_dim=256, projection_dim=128, attention_dim=128)

@@ -53,8 +53,9 @@ from capray.images import ImageDecodeError, decode_image
 from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
                             finished_paths, input_kind, input_paths, write_listing, write_marker)
 from capray.progress import Progress, report
-from capray.runtime import ActorPlan, Machine, ModelThread, plan_actors, task_cpus
 from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
+from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus
+from capray.tasks import ModelThread
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,10 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
     all, None if unknown until the shards are read; images done before) for the progress lines."""
     import ray
 
-    from capray.runtime import ensure_ray, local_machine, map_with_retries, wait_for_resources
+    from capray.autoscaler import wait_for_resources
+    from capray.connect import ensure_ray
+    from capray.sizing import local_machine
+    from capray.tasks import map_with_retries
 
     ensure_ray()
     machine = local_machine()
@@ -412,7 +416,7 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
 def plan_resources(config: CaptionConfig, *, machine: Machine | None) -> tuple[ActorPlan, float, float]:
     """The captioners' plan and the CPU shares of a decode task and of a write task.
 
-    ``machine``: the local machine's resources, or None on a cluster (see ``capray.runtime``).
+    ``machine``: the local machine's resources, or None on a cluster (see ``capray.sizing``).
     """
     decode_cpus = task_cpus(machine, small=0.4, cluster=1.0)
     write_cpus = task_cpus(machine, small=0.1, cluster=0.25)

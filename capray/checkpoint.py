@@ -12,7 +12,7 @@ import torch
 
 from capray import storage
 from capray.encoders import EncoderError, EncoderSpec, RegionEncoder, build_encoder
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 from capray.formats import CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, VOCAB_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
@@ -48,12 +48,12 @@ def model_state(*, encoder_state: dict, decoder_state: dict) -> dict:
 def write_checkpoint(directory: str, *, state: dict, config: dict, vocab: Vocabulary, train_state: dict,
                      optimizer_state: dict | None = None) -> None:
     """Write a checkpoint directory (local path or URI)."""
-    storage.write_bytes(storage.join(directory, MODEL_FILE), _tensor_bytes(state))
+    storage.write_bytes(storage.join(directory, MODEL_FILE), state_bytes(state))
     storage.write_json(storage.join(directory, CONFIG_FILE), config)
     vocab.save(storage.join(directory, VOCAB_FILE))
     storage.write_json(storage.join(directory, TRAIN_STATE_FILE), train_state)
     if optimizer_state is not None:
-        storage.write_bytes(storage.join(directory, OPTIMIZER_FILE), _tensor_bytes(optimizer_state))
+        storage.write_bytes(storage.join(directory, OPTIMIZER_FILE), state_bytes(optimizer_state))
 
 
 def read_state(uri: str) -> dict:
@@ -119,7 +119,7 @@ def load_checkpoint(uri: str, *, device: str | torch.device = "cpu") -> LoadedMo
         raise CheckpointError(f"--checkpoint {uri}: {exc}") from exc
     except RuntimeError as exc:
         raise CheckpointError(f"--checkpoint {uri}: weights do not fit the config "
-                              f"({str(exc).splitlines()[0][:200]})") from exc
+                              f"({first_line(exc)[:200]})") from exc
     train_state_uri = storage.join(uri, TRAIN_STATE_FILE)
     train_state = storage.read_json(train_state_uri) if storage.exists(train_state_uri) else {}
     encoder.to(device).eval()
@@ -137,7 +137,8 @@ def _with_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _tensor_bytes(state: dict) -> bytes:
+def state_bytes(state: dict) -> bytes:
+    """``state`` as ``torch.save`` writes it, for ``storage.write_bytes``; ``read_state`` reads it back."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()

@@ -265,7 +265,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     unexpected), in one line; 130 when interrupted.
     """
     if getattr(args, "verbose", False):
-        from capray.runtime import VERBOSE_ENV
+        from capray.console import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
     setup_logging()

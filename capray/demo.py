@@ -23,10 +23,8 @@ class DemoPreset:
     image_size: int = 128
     """Pixels; EfficientNet-Lite0's stride-16 stage then gives 8×8 regions."""
     layer: str = "blocks.7+blocks.10"
-    """Both ends of that stage, 80 + 112 channels per region. A linear probe on the region under each
-    object's centre named its colour right for 98.9% of test objects from block 10 alone, 99.7% from
-    block 7 (shapes: 100% from both); with both, held-out object accuracy went from 0.968–0.976 to
-    0.988–0.996 at the same BLEU-4."""
+    """Both ends of that stage, 80 + 112 channels per region: block 7 keeps the colours that block 10
+    loses, and with both the held-out object accuracy is higher at the same BLEU-4 (docs/demo.md)."""
     epochs: int = 30
     """Training epochs, the learning rate cosine-decayed over them (val loss is flat from about epoch 30)."""
     workers: int = 2
@@ -36,8 +34,8 @@ class DemoPreset:
 
 
 def demo_preset() -> DemoPreset:
-    """Sized to finish in under 5 minutes on 2 CPU cores (236–267 s measured), with held-out object
-    accuracy ≥ 0.99 in most runs and BLEU-4 about 0.93 (see the README's "What holds BLEU-4 back")."""
+    """Sized to finish in under 5 minutes on 2 CPU cores, with held-out object accuracy ≥ 0.99 in most
+    runs and BLEU-4 about 0.93 (measured runs: docs/benchmarks.md; the README's "What holds BLEU-4 back")."""
     return DemoPreset()
 
 
@@ -48,10 +46,10 @@ def demo_encoder(preset: DemoPreset) -> EncoderSpec:
 
 def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
     from capray.captioning import CaptionConfig, caption
+    from capray.connect import ensure_ray
     from capray.evaluation import EvaluateConfig, attend, evaluate
     from capray.features import PrepareConfig, prepare
     from capray.gallery import GalleryConfig, make_gallery
-    from capray.runtime import ensure_ray
     from capray.synth import SynthConfig, generate
     from capray.training import TrainConfig, train
 
@@ -118,7 +116,8 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
 def _print_report(*, preset, prepared, trained, captioned, metrics, times, paths, workdir, plots) -> None:
     import pyarrow.parquet as pq
 
-    from capray.training import CURVES_FILE, METRICS_LOG
+    from capray.plots import CURVES_FILE
+    from capray.runlog import METRICS_LOG
 
     print("\n=== capray demo: summary ===")
     print("stage times (s): " + "  ".join(f"{k} {v:.0f}" for k, v in times.items()))

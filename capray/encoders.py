@@ -24,7 +24,7 @@ from torch import nn
 
 from capray import storage
 from capray.config import EFFICIENTNET_LITE0, WEIGHTS_IMAGENET, WEIGHTS_NONE, EncoderSpec
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels (TF Lite preprocessing).
@@ -100,7 +100,7 @@ def _build_torchvision(spec: EncoderSpec, load_weights: bool) -> RegionEncoder:
                 state = weights.get_state_dict(progress=False, check_hash=True)
             except Exception as exc:
                 raise EncoderError(
-                    f"cannot load torchvision's ImageNet weights for {spec.name} ({_first_line(exc)}); "
+                    f"cannot load torchvision's ImageNet weights for {spec.name} ({first_line(exc)}); "
                     f"put them in torchvision's cache (TORCH_HOME) or pass --weights none|URI of a state dict"
                 ) from exc
             _fit_state_dict(model, state, f"torchvision's ImageNet weights for {spec.name}", spec.name)
@@ -220,7 +220,7 @@ def _load_state_dict(model: nn.Module, uri: str, name: str) -> None:
     except storage.StorageError as exc:
         raise EncoderError(f"--weights {uri}: {exc}") from exc
     except Exception as exc:
-        raise EncoderError(f"--weights {uri}: not a PyTorch state dict ({_first_line(exc)})") from exc
+        raise EncoderError(f"--weights {uri}: not a PyTorch state dict ({first_line(exc)})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     _fit_state_dict(model, state, f"--weights {uri}", name)
@@ -247,8 +247,3 @@ def _is_left_out(model: nn.Module, key: str) -> bool:
     """Whether ``key`` belongs to a submodule the model sets to None (absent, not merely unnamed)."""
     head = key.split(".", 1)[0]
     return hasattr(model, head) and getattr(model, head) is None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

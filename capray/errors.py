@@ -15,3 +15,9 @@ class ConfigError(ValueError):
 
     A ``ValueError`` so that callers that catch the broad class keep working (``except ValueError``).
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception told in one line: the first line of its message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,8 +14,8 @@ import torch
 
 from capray import shards, storage
 from capray.annotations import Record
-from capray.config import EvaluateConfig
 from capray.checkpoint import load_checkpoint
+from capray.config import EvaluateConfig
 from capray.errors import ConfigError
 from capray.features import load_prepare_info, read_config_records
 from capray.formats import CAPTION, CAPTIONS, FEATURES, IMAGE, IMAGE_ID, METRICS_FILE, RESULTS_FILE, SCORE
@@ -24,7 +24,7 @@ from capray.metrics import attention_grounding, score_captions
 from capray.plots import plot_attention
 from capray.precision import as_stored
 from capray.progress import Progress, report
-from capray.runtime import ModelThread
+from capray.tasks import ModelThread
 
 log = logging.getLogger(__name__)
 NODE_ID = "node_id"
@@ -42,7 +42,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     """Caption a split with beam search, score it, write metrics.json and COCO-format results.
 
     The driver plans and scores; the split is read by Ray Data tasks and captioned by an actor pool
-    (``BeamSearcher``) sized like caption's (``capray.runtime.plan_actors``), so on a cluster the beam
+    (``BeamSearcher``) sized like caption's (``capray.sizing.plan_actors``), so on a cluster the beam
     search runs on worker nodes. What comes back per image is small: its id, caption, score, reference
     captions and, where the manifest has ground-truth boxes, its attention-grounding sums.
     """
@@ -95,7 +95,10 @@ def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple
     """
     import ray
 
-    from capray.runtime import ensure_ray, local_machine, map_with_retries, plan_actors, task_cpus, wait_for_resources
+    from capray.autoscaler import wait_for_resources
+    from capray.connect import ensure_ray
+    from capray.sizing import local_machine, plan_actors, task_cpus
+    from capray.tasks import map_with_retries
 
     ensure_ray()
     machine = local_machine()

@@ -8,7 +8,6 @@ decodes the samples the records name.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -25,15 +24,18 @@ from ray.data.datasource import FilenameProvider
 
 from capray import shards, storage
 from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray.autoscaler import wait_for_resources
+from capray.checkpoint import state_bytes
 from capray.config import PrepareConfig
+from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
 from capray.precision import EncoderStage
-from capray.runtime import (ActorPlan, ModelThread, ensure_ray, local_machine, map_with_retries, plan_actors,
-                            wait_for_resources)
+from capray.sizing import ActorPlan, local_machine, plan_actors
+from capray.tasks import ModelThread, map_with_retries
 from capray.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -220,7 +222,7 @@ def prepare(config: PrepareConfig) -> dict:
     vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
-    encoder_state = _state_bytes(encoder.state_dict())
+    encoder_state = state_bytes({k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     del encoder
     previous, kept = _kept_splits(config, spec=spec, vocab=vocab)
     if kept:  # the kept splits' tokens are ids of the dataset's vocabulary: it stays
@@ -447,9 +449,3 @@ def _collect_errors(errors_dir: str) -> list[dict]:
                 seen[failure["image"]] = failure
     storage.delete_dir(errors_dir)
     return sorted(seen.values(), key=lambda f: f["image"])
-
-
-def _state_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-    return buffer.getvalue()

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from capray import shards, storage
 from capray.config import DEFAULT_EXTENSIONS, GalleryConfig
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 from capray.formats import CAPTION, CAPTIONS, ERROR, IMAGE, PATH, PREPARE_FILE, SCORE
 from capray.images import ImageDecodeError, thumbnail
 
@@ -198,7 +198,7 @@ def read_batches(output: str, *, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Re
         except OSError as exc:
             raise storage.classified(f"cannot read {uri}", exc) from exc
         except pa.ArrowException as exc:
-            raise storage.StorageError(f"{uri}: not a caption shard ({str(exc).splitlines()[0]})") from exc
+            raise storage.StorageError(f"{uri}: not a caption shard ({first_line(exc)})") from exc
 
 
 def key_column_of(output: str) -> str:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 from capray.formats import ERROR, PATH
 from capray.shards import shard_of
 from capray.sink import (COMPATIBLE_DEFAULTS, COMPATIBLE_KEYS, META_PREFIX, delete_temporaries, shard_metadata,
@@ -92,9 +92,9 @@ def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,
                 table = parquet.read(columns=[PATH, ERROR])
         except pa.ArrowInvalid as exc:
             raise ConfigError(f"--out {output} holds {storage.basename(uri)}, which is not a caption shard "
-                              f"({str(exc).splitlines()[0]}): move it away or use --overwrite") from exc
+                              f"({first_line(exc)}): move it away or use --overwrite") from exc
         except OSError as exc:
-            raise storage.TransientStorageError(f"cannot read {uri}: {str(exc).splitlines()[0]}") from exc
+            raise storage.TransientStorageError(f"cannot read {uri}: {first_line(exc)}") from exc
         check_compatible(uri, metadata, settings)
         failed = table.column(ERROR).is_valid().to_numpy(zero_copy_only=False)
         paths = table.column(PATH).to_pylist()

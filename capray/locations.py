@@ -64,7 +64,7 @@ def locations(command: str, config: Any, fields: dict[str, tuple[str, ...]]) -> 
 
 def check_reachable(command: str, config: Any) -> None:
     """Refuse local paths when the job joins a cluster and the user has not declared them shared."""
-    from capray.runtime import is_local
+    from capray.connect import is_local
 
     if is_local() or shared_fs(config):
         return

@@ -1,4 +1,4 @@
-"""Plots: where the decoder looked for each word (the TF tutorial's ``plot_attention``) and a run's curves.
+"""Plots: where the decoder looked for each word (the TF tutorial's ``plot_attention``), a run's curves, both for a run.
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas, never pyplot, so plotting
 touches no global state and works in Ray workers without a display.
@@ -23,6 +23,10 @@ HEATMAP_ALPHA = 0.65
 """Opacity of a map where attention is at the plot's top; it fades linearly to nothing at 0."""
 LUMA = np.array([0.299, 0.587, 0.114])
 """ITU-R 601 weights: the grey an RGB pixel is shown as under a map."""
+CURVES_FILE = "curves.png"
+"""``RUN/curves.png``: a training run's loss and val BLEU-4 per epoch."""
+ATTENTION_DIR = "attention"
+"""``RUN/attention/``: attention maps of a few fixed val images, drawn after training."""
 
 
 def plot_attention(image: np.ndarray, words: list[str], attention: np.ndarray, out: str, *,
@@ -104,6 +108,29 @@ def plot_curves(epochs: list[dict], out: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     storage.write_bytes(out, buf.getvalue())
+
+
+def plot_run(run_dir: str, *, features: str, images: int) -> None:
+    """``RUN/curves.png`` from the run's ``metrics.jsonl``, and ``RUN/attention/*.png`` for the first ``images``
+    val images of ``features`` (captioned by the run's best checkpoint)."""
+    from capray.runlog import read_metrics
+
+    plot_curves(read_metrics(run_dir), storage.join(run_dir, CURVES_FILE))
+    if images:
+        from capray.evaluation import attend, first_images
+
+        for image in first_images(storage.join(features, "val"), images):
+            attend(run_dir, image, storage.join(run_dir, ATTENTION_DIR, f"{_plot_name(image)}.png"))
+
+
+def _plot_name(image: str) -> str:
+    """A file name for an image's plot: its own name, or SHARD-KEY for a shard's sample."""
+    from capray.shards import shard_of
+
+    shard = shard_of(image)
+    if shard == image:
+        return storage.basename(image).rsplit(".", 1)[0]
+    return storage.basename(shard).rsplit(".", 1)[0] + "-" + image[len(shard) + 1:].replace("/", "-")
 
 
 def _upsample(att: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capray import storage
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 
 WEBDATASET, PARQUET = "webdataset", "parquet"
 KINDS = {"tar": WEBDATASET, "parquet": PARQUET}
@@ -321,7 +321,7 @@ def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns:
         yield Sample(shard, None, None, error=f"unreadable after {count} row(s) ({failure})")
     except pa.ArrowException as exc:  # not Parquet, corrupt, or too big to read
         what = "not a Parquet file" if count == 0 else f"unreadable after {count} row(s)"
-        yield Sample(shard, None, None, error=f"{what} ({str(exc).splitlines()[0]})")
+        yield Sample(shard, None, None, error=f"{what} ({first_line(exc)})")
 
 
 def read_any(uri: str, *, image_extensions: Sequence[str] = IMAGE_EXTENSIONS) -> bytes:

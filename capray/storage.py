@@ -42,7 +42,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from capray.errors import ConfigError
+from capray.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -660,10 +660,5 @@ def _classified_boto(what: str, exc: Exception) -> StorageError | TransientStora
 
 def _error(what: str, exc: BaseException, *, transient: bool) -> StorageError | TransientStorageError:
     if transient:
-        return TransientStorageError(f"{what}: {_first_line(exc)} (transient: running it again may succeed)")
-    return StorageError(f"{what}: {_first_line(exc)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        return TransientStorageError(f"{what}: {first_line(exc)} (transient: running it again may succeed)")
+    return StorageError(f"{what}: {first_line(exc)}")

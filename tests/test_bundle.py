@@ -136,7 +136,7 @@ site = sys.argv[1]
 origin = {m.__name__: os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (ray, capray)}
 scores = score_captions({"a": ["a red circle left of a blue square"], "b": ["a green triangle below a red square"]},
                         {"a": "a red circle left of a blue square", "b": "a green triangle below a red square"})
-from capray.runtime import ensure_ray
+from capray.connect import ensure_ray
 
 ensure_ray(dashboard=True)  # as capray train asks: the bundle has no dashboard, so Ray starts without it
 doubled = ray.data.range(64, override_num_blocks=4).map_batches(lambda b: {"id": b["id"] * 2}).sum("id")

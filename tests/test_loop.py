@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capray.loop import Examples, collate
 from capray.model import Decoder, DecoderConfig
-from capray.training import append_metrics, ddp_options, read_metrics
+from capray.runlog import append_metrics, read_metrics
+from capray.training_worker import ddp_options
 
 CPU = torch.device("cpu")
 

@@ -1,12 +1,13 @@
-"""capray.runtime: sizing for a local machine vs a cluster, and waiting for the autoscaler."""
+"""capray.sizing, capray.autoscaler, capray.connect, capray.console: sizing for a local machine vs a cluster, waiting for the autoscaler, starting Ray."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from capray.runtime import (ActorPlan, Machine, ResourceWaitTimeout, is_local, plan_actors, task_cpus,
-                            wait_for_resources, worker_cpus)
+from capray.autoscaler import ResourceWaitTimeout, wait_for_resources
+from capray.connect import is_local
+from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus, worker_cpus
 
 
 def test_a_cluster_plan_asks_what_one_node_gives_and_scales_the_pool():
@@ -102,7 +103,7 @@ def test_waiting_for_what_is_there_returns_at_once_and_frees_it(ray_local):
 def test_ray_datas_lagging_no_free_cpu_warning_stays_off_the_console_and_other_warnings_do_not(monkeypatch):
     import logging
 
-    from capray.runtime import VERBOSE_ENV, quiet_ray_data
+    from capray.console import VERBOSE_ENV, quiet_ray_data
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     quiet_ray_data()
@@ -139,7 +140,7 @@ def test_ensure_ray_with_a_job_servers_address_starts_a_local_ray_and_says_why(j
     import sys
 
     code = ("import logging, os, ray\nlogging.basicConfig(level=logging.INFO)\n"
-            "from capray.runtime import ensure_ray\nensure_ray()\n"
+            "from capray.connect import ensure_ray\nensure_ray()\n"
             "print('nodes', len(ray.nodes()), 'address', os.environ.get('RAY_ADDRESS'))\nray.shutdown()\n")
     result = subprocess.run([sys.executable, "-c", code], env={**job_env, "RAY_ADDRESS": "http://127.0.0.1:9"},
                             capture_output=True, text=True, timeout=180)

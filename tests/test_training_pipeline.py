@@ -24,9 +24,11 @@ from capray.evaluation import EvaluateConfig, attend, evaluate
 from capray.features import PrepareConfig, prepare
 from capray.formats import FEATURES, METRICS_FILE, PREPARE_FILE, RESULTS_FILE, TRAIN_STATE_FILE
 from capray.model import Decoder, DecoderConfig
+from capray.plots import ATTENTION_DIR, CURVES_FILE
+from capray.runlog import TENSORBOARD_DIR, EventLog, read_metrics
 from capray.synth import SynthConfig, generate
-from capray.training import (ATTENTION_DIR, CURVES_FILE, TENSORBOARD_DIR, EventLog, TrainConfig, existing_checkpoints,
-                             read_features, read_metrics, train)
+from capray.training import TrainConfig, existing_checkpoints, train
+from capray.training_data import read_features
 from killers import KillInBackground
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as RAY_TRAIN_SNAPSHOT
 

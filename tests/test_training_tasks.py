@@ -1,4 +1,4 @@
-"""What train does outside its workers runs in Ray tasks, not in the driver (capray.runtime.run_in_task):
+"""What train does outside its workers runs in Ray tasks, not in the driver (capray.tasks.run_in_task):
 the feature statistics before fitting and the run's plots after it."""
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 
 from capray import storage
 from capray.formats import FEATURES, feature_schema
-from capray.runtime import run_in_task
-from capray.training import feature_statistics, write_run_plots
+from capray.tasks import run_in_task
+from capray.training import write_run_plots
+from capray.training_data import feature_statistics
 
 pytestmark = pytest.mark.slow
 
