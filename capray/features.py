@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from ray.data.datasource import FilenameProvider
 
-from capray import shards, storage
+from capray import lease, shards, storage
 from capray.annotations import (SPLITS, AnnotationError, Record, caption_fields, carved_split, carves_val,
                                 pair_sources, read_sources, shard_record, shard_text_columns, source_kind)
 from capray.config import PrepareConfig
@@ -384,12 +384,21 @@ def prepare(config: PrepareConfig) -> dict:
 
     Everything that can be checked is checked before the previous dataset is touched: the
     annotations, the vocabulary, the encoder and its weights, the actors' resources. ``prepare.json``
-    (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named
-    splits: the others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``).
+    (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named splits: the
+    others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``). The run holds
+    ``out``'s lease throughout: a second prepare into it while this one lives is refused
+    (``lease.OutputBusy``, exit 2).
     """
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
         storage.check_bucket(uri)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    with lease.acquire(config.out, run_id=run_id, timeout_s=config.lease_timeout_s, what="prepare run"):
+        return _prepare_holding(config, started=started)
+
+
+def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
+    """``prepare`` while this run holds the output's lease (``capray.lease``)."""
     files, shard_uris = _sources(config)
     # Annotation files are read here, whole (they are JSON documents); their carve waits for the shards'.
     file_records = read_sources(files, test_fraction=0.0) if files else []
@@ -397,11 +406,10 @@ def prepare(config: PrepareConfig) -> dict:
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
     encoder_state = _state_bytes(encoder.state_dict())
     del encoder
-    ensure_ray()
-    machine = local_machine()
     text = ShardText()
-    if shard_uris:
-        text = _read_shards_text(shard_uris, settings=shard_settings(config), machine=machine)
+    if shard_uris:  # annotation files alone are checked through before Ray starts
+        ensure_ray()
+        text = _read_shards_text(shard_uris, settings=shard_settings(config), machine=local_machine())
         log.info("prepare: %d samples in %d shard(s)", sum(text.images.values()), len(shard_uris))
         if text.unknown:
             log.warning("split values %s are none of %s: those samples are split by a hash of their key",
@@ -423,6 +431,8 @@ def prepare(config: PrepareConfig) -> dict:
     if kept:  # the kept splits' tokens are ids of the dataset's vocabulary: it stays
         vocab = Vocabulary.load(storage.join(config.out, VOCAB_FILE))
 
+    ensure_ray()
+    machine = local_machine()
     plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
                        cpus_per_actor=config.cpus_per_actor, machine=machine)
     if machine is None:  # a cluster: the first encoder actor may need a node that is not up yet

@@ -49,6 +49,22 @@ def test_a_failing_check_leaves_the_previous_dataset_as_it_was(tmp_path, case):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_a_prepare_into_an_output_that_a_live_run_holds_is_refused_and_touches_nothing(tmp_path):
+    from capray import lease
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red square"]}) + "\n")
+    (tmp_path / "a.png").write_bytes(_png("red"))
+    out = tmp_path / "features"
+    before = _previous_dataset(out)
+    with lease.acquire(str(out), run_id="other", timeout_s=60, what="prepare run"):
+        with pytest.raises(lease.OutputBusy):
+            prepare(PrepareConfig(annotations=str(manifest), out=str(out),
+                                  encoder=EncoderSpec("resnet18", "none", 64)))
+        assert storage.read_json(lease.lease_uri(str(out)))["run_id"] == "other"
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_paths_are_resolved_where_the_user_typed_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = PrepareConfig(annotations=("data/a.json", "data/b.json"), images=("img/a", "img/b"), out="features",
