@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
