@@ -117,11 +117,9 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
     hashed: set[str] = set()  # shard samples whose split came from the hash, not from the data
     first_seen: dict[str, tuple[int, str, str]] = {}  # image_id → (source index, URI, split)
     for index, (uri, images) in enumerate(sources):
-        kind = shards.detect(uri, shards.IMAGE_EXTENSIONS) if not uri.lower().endswith(ANNOTATION_SUFFIXES) else None
+        kind = source_kind(uri, images)
         if kind is None:
             source_records = read_annotations(uri, images=images)
-        elif images:
-            raise AnnotationError(f"{uri}: shards hold their own images; give no --images for them")
         else:
             source_records, source_hashed = read_shard_records(
                 uri, kind, val_fraction=val_fraction, test_fraction=test_fraction, image_column=image_column,
@@ -133,14 +131,9 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
                 raise AnnotationError(f"image id {r.image_id} is in {other[1]} ({other[2]}) and in {uri} "
                                       f"({r.split}): each image may come from one annotation file only")
         records.extend(source_records)
-    if test_fraction == 0:
+    if not carves_val(test_fraction, any_val=any(r.split == "val" and r.image_id not in hashed for r in records),
+                      any_hashed=bool(hashed), sources=[uri for uri, _ in sources]):
         return records
-    if not any(r.split == "val" and r.image_id not in hashed for r in records):
-        if hashed:  # every val image came from the hash, which already made the test split
-            return records
-        raise AnnotationError(f"--test-fraction {test_fraction} carves test out of val, but there are no val "
-                              f"images in {', '.join(uri for uri, _ in sources)} "
-                              f"(a COCO file is val when its name says so, e.g. captions_val2014.json)")
     carved = [replace(r, split="test") if r.split == "val" and r.image_id not in hashed
               and stable_share(r.image_id) < test_fraction else r for r in records]
     num_val = sum(r.split == "val" for r in records)
@@ -148,6 +141,58 @@ def read_sources(sources: Sequence[tuple[str, str | None]], *, test_fraction: fl
     log.info("--test-fraction %g: %d of %d val images moved to test (%d test images already in the files kept)",
              test_fraction, num_moved, num_val, sum(r.split == "test" for r in records))
     return carved
+
+
+def source_kind(uri: str, images: str | None = None) -> str | None:
+    """``webdataset`` or ``parquet`` when an annotation source is shards (which carry their captions),
+    None for an annotation file. Shards hold their own images: an ``--images`` root for them is refused."""
+    kind = shards.detect(uri, shards.IMAGE_EXTENSIONS) if not uri.lower().endswith(ANNOTATION_SUFFIXES) else None
+    if kind is not None and images:
+        raise AnnotationError(f"{uri}: shards hold their own images; give no --images for them")
+    return kind
+
+
+def carves_val(test_fraction: float, *, any_val: bool, any_hashed: bool, sources: Sequence[str]) -> bool:
+    """Whether ``--test-fraction`` moves val images to test (see ``read_sources``): when there are val
+    images of the data's own (``any_val``); not when every val image came from the hash (``any_hashed``),
+    which made the test split already. With neither, the fraction has nothing to carve from: refused."""
+    if test_fraction == 0 or any_val:
+        return test_fraction != 0
+    if any_hashed:
+        return False
+    raise AnnotationError(f"--test-fraction {test_fraction} carves test out of val, but there are no val "
+                          f"images in {', '.join(sources)} "
+                          f"(a COCO file is val when its name says so, e.g. captions_val2014.json)")
+
+
+def caption_fields(caption_column: str = "") -> tuple[str, ...]:
+    """The sample fields a shard's captions are read from, in order (see ``read_shard_records``)."""
+    return (caption_column,) if caption_column else shards.CAPTION_FIELDS
+
+
+def shard_record(sample: shards.Sample, *, fields: Sequence[str], val_fraction: float,
+                 test_fraction: float) -> tuple[Record, bool]:
+    """The record of one shard sample, and whether its split came from the hash of its key (see
+    ``read_shard_records``). Before the carve out of val: ``carved_split`` applies it."""
+    captions = next((sample.fields[f] for f in fields if sample.fields.get(f)), ())
+    captions = tuple(map(str, captions)) if isinstance(captions, (list, tuple)) else (str(captions),)
+    split = sample.fields.get("split")
+    split = "train" if split == "restval" else split
+    from_hash = split not in SPLITS
+    if from_hash:
+        # The key, unless it is only a row number: that would split every file the same way.
+        share = stable_share(sample.path if sample.numbered or sample.key is None else sample.key)
+        split = "test" if share < test_fraction else "val" if share < test_fraction + val_fraction else "train"
+    record = Record(image_id=sample.path, image=sample.path, captions=tuple(c.strip() for c in captions),
+                    split=split, objects=_objects(sample.fields.get("objects")))
+    return record, from_hash
+
+
+def carved_split(record: Record, *, from_hash: bool, carve: bool, test_fraction: float) -> str:
+    """A record's split after ``read_sources``'s carve of test out of val (``carve``: ``carves_val``)."""
+    if carve and not from_hash and record.split == "val" and stable_share(record.image_id) < test_fraction:
+        return "test"
+    return record.split
 
 
 def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fraction: float, image_column: str = "",
@@ -159,33 +204,27 @@ def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fractio
     .txt), ``text`` the sample has; its split the sample's ``split`` field, else by a hash of the key;
     ``objects`` (the shapes world's ground truth) is kept when there. Broken samples, and whole shards that
     cannot be read, are records too: prepare's decode step lists them as errors, never drops them silently.
-    The shards are read here, on the driver, several at a time (a tar is read whole, images included).
+    The shards' text is read here, several at a time (a tar is streamed, its images skipped; a Parquet
+    file's image column is not read). prepare does not call this: it reads shards in tasks
+    (``capray.features``); evaluate does, for the shapes world's ground truth.
     """
     uris = shards.list_shards(uri, kind)
     if not uris:
         raise AnnotationError(f"{uri}: no {kind} shards")
-    fields = (caption_column,) if caption_column else shards.CAPTION_FIELDS
-    columns = (*fields, "split", "objects")
+    fields = caption_fields(caption_column)
+    columns = shard_text_columns(caption_column)
 
     unknown: set[str] = set()
 
     def read(shard: str) -> list[tuple[Record, bool]]:
         out = []
         for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS, image_column=image_column,
-                                          key_column=key_column, columns=columns):
-            captions = next((sample.fields[f] for f in fields if sample.fields.get(f)), ())
-            captions = tuple(map(str, captions)) if isinstance(captions, (list, tuple)) else (str(captions),)
-            split = sample.fields.get("split")
-            split = "train" if split == "restval" else split
-            from_hash = split not in SPLITS
-            if from_hash:
-                if split is not None:
-                    unknown.add(str(split))
-                # The key, unless it is only a row number: that would split every file the same way.
-                share = stable_share(sample.path if sample.numbered or sample.key is None else sample.key)
-                split = "test" if share < test_fraction else "val" if share < test_fraction + val_fraction else "train"
-            out.append((Record(image_id=sample.path, image=sample.path, captions=tuple(c.strip() for c in captions),
-                               split=split, objects=_objects(sample.fields.get("objects"))), from_hash))
+                                          key_column=key_column, columns=columns, images=False):
+            record, from_hash = shard_record(sample, fields=fields, val_fraction=val_fraction,
+                                             test_fraction=test_fraction)
+            if from_hash and sample.fields.get("split") is not None:
+                unknown.add(str(sample.fields["split"]))
+            out.append((record, from_hash))
         return out
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # S3 reads wait on the network: overlap them
@@ -196,6 +235,11 @@ def read_shard_records(uri: str, kind: str, *, val_fraction: float, test_fractio
         log.warning("%s: split values %s are none of %s: those samples are split by a hash of their key",
                     uri, ", ".join(sorted(unknown)[:5]), ", ".join(SPLITS))
     return records, {r.image_id for part in parts for r, from_hash in part if from_hash}
+
+
+def shard_text_columns(caption_column: str = "") -> tuple[str, ...]:
+    """The Parquet columns a shard's records are made of (besides the key)."""
+    return (*caption_fields(caption_column), "split", "objects")
 
 
 def _objects(value: Any) -> tuple[dict, ...] | None:

@@ -220,6 +220,9 @@ class PrepareConfig:
     """Local paths are on a filesystem that every node of the cluster mounts at the same path (NFS, EFS,
     Lustre): accept them when the job runs on a cluster (also ``CAPRAY_SHARED_FS=1``). Without it a job on a
     cluster takes s3:// locations only."""
+    lease_timeout_s: float = 600.0
+    """Seconds without a heartbeat after which this run's hold on ``out`` counts as dead and another run
+    may take it over (a run that died on this host is taken over at once)."""
 
     def __post_init__(self):
         _set(self, "annotations", tuple(storage.normalize(a) for a in _words(self.annotations)))
@@ -240,6 +243,9 @@ class PrepareConfig:
             raise ConfigError(f"--splits must be among {', '.join(SPLITS)}, got {','.join(self.splits)}")
         if self.max_caption_tokens < 3:
             raise ConfigError(f"--max-caption-tokens must be at least 3, got {self.max_caption_tokens}")
+        if self.lease_timeout_s < 10:
+            raise ConfigError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
+                              f"got {self.lease_timeout_s:g}")
 
 
 # --- train ---------------------------------------------------------------------------------------

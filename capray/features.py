@@ -3,8 +3,10 @@
 One pipeline for all splits (Ray Data, streaming, so memory does not grow with the number of images):
 records → read + decode + resize (CPU tasks) → Encoder actors (GPU or CPU) → Parquet shards per split.
 An image that cannot be decoded is left out and listed with its error in ``prepare.json``.
-Records from shards (``capray.shards``) are read a shard per task: the task streams its shard once and
-decodes the samples the records name.
+Shards (``capray.shards``) are never read on the driver: a text pass (a task per shard, image bytes
+skipped) counts their samples per split and the words of their train captions, which the driver merges
+into the vocabulary; the encode pass then streams each shard once in a task that decodes, splits and
+tokenizes its samples itself. The driver holds per-shard counts and the vocabulary, not a record per image.
 """
 from __future__ import annotations
 
@@ -14,16 +16,18 @@ import math
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import torch
 from ray.data.datasource import FilenameProvider
 
-from capray import shards, storage
-from capray.annotations import SPLITS, Record, pair_sources, read_sources
+from capray import lease, shards, storage
+from capray.annotations import (SPLITS, AnnotationError, Record, caption_fields, carved_split, carves_val,
+                                pair_sources, read_sources, shard_record, shard_text_columns, source_kind)
 from capray.autoscaler import wait_for_resources
 from capray.checkpoint import state_bytes
 from capray.config import PrepareConfig
@@ -34,9 +38,9 @@ from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
 from capray.precision import EncoderStage
-from capray.sizing import ActorPlan, local_machine, plan_actors
+from capray.sizing import ActorPlan, local_machine, plan_actors, task_cpus
 from capray.tasks import ModelThread, map_with_retries
-from capray.vocab import Vocabulary
+from capray.vocab import Vocabulary, word_counts
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = "_errors"
@@ -55,6 +59,10 @@ BATCHES_PER_BLOCK = 2
 """Encoder batches per input block: the block count follows the data, not the nodes up at submit
 time, so decode tasks spread over nodes that join later."""
 MAX_BLOCKS = 10_000
+SHARD = "shard"
+STREAM = "stream"
+"""Input-block column: True on a row that names a whole shard (in ``IMAGE``), which its task streams,
+splitting and tokenizing the samples itself; False on a record read from an annotation file."""
 
 
 class Encoder:
@@ -143,12 +151,184 @@ def _blocks(table: pa.Table, shard_of_row: list[str], *, rows: int) -> list[pa.T
     return blocks
 
 
+@dataclass
+class ShardText:
+    """What the text pass learns of shards: samples and captions per split, the words of the train
+    captions. Per shard in a task, then merged on the driver (``merge``): its size follows the
+    vocabulary and the number of shards, never the number of images."""
+
+    images: Counter = field(default_factory=Counter)
+    """Samples per split; ``VAL_TO_TEST`` counts the val samples that ``--test-fraction``'s carve moves."""
+    captions: Counter = field(default_factory=Counter)
+    words: Counter = field(default_factory=Counter)
+    """Word counts of the train captions (``capray.vocab.word_counts``)."""
+    own_val: int = 0
+    """Samples whose ``split`` field says val (the carve takes its test share from those)."""
+    hashed: int = 0
+    """Samples split by a hash of their key (no usable ``split`` field)."""
+    objects: bool = False
+    unknown: set = field(default_factory=set)
+    """``split`` values that are no split (those samples are split by the hash)."""
+
+    def merge(self, other: "ShardText") -> None:
+        self.images.update(other.images)
+        self.captions.update(other.captions)
+        self.words.update(other.words)
+        self.own_val += other.own_val
+        self.hashed += other.hashed
+        self.objects = self.objects or other.objects
+        self.unknown |= other.unknown
+
+    def per_split(self, counts: Counter, *, carve: bool) -> dict[str, int]:
+        """``counts`` by split once the carve (``carve``) is decided."""
+        moved = counts.get(VAL_TO_TEST, 0)
+        return {"train": counts.get("train", 0), "val": counts.get("val", 0) + (0 if carve else moved),
+                "test": counts.get("test", 0) + (moved if carve else 0)}
+
+    def to_json(self) -> str:
+        return json.dumps({"images": self.images, "captions": self.captions, "words": self.words,
+                           "own_val": self.own_val, "hashed": self.hashed, "objects": self.objects,
+                           "unknown": sorted(self.unknown)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardText":
+        obj = json.loads(text)
+        return cls(images=Counter(obj["images"]), captions=Counter(obj["captions"]), words=Counter(obj["words"]),
+                   own_val=obj["own_val"], hashed=obj["hashed"], objects=obj["objects"], unknown=set(obj["unknown"]))
+
+
+VAL_TO_TEST = "val>test"
+
+
+def shard_samples(shard: str, *, settings: dict, images: bool) -> Iterator[tuple[shards.Sample, Record, bool]]:
+    """A shard's samples with their records (before the carve) and whether their split came from the
+    hash. ``settings``: ``shard_settings``; ``images=False`` reads the text only."""
+    fields = caption_fields(settings["caption_column"])
+    for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS,
+                                      image_column=settings["image_column"], key_column=settings["key_column"],
+                                      columns=shard_text_columns(settings["caption_column"]), images=images):
+        record, from_hash = shard_record(sample, fields=fields, val_fraction=settings["val_fraction"],
+                                         test_fraction=settings["test_fraction"])
+        yield sample, record, from_hash
+
+
+def shard_settings(config: PrepareConfig) -> dict:
+    """The settings that make a shard sample's record: the same in the text pass and the encode pass."""
+    return {"image_column": config.image_column, "key_column": config.key_column,
+            "caption_column": config.caption_column, "val_fraction": config.val_fraction,
+            "test_fraction": config.test_fraction}
+
+
+def read_shard_text(shard: str, *, settings: dict) -> ShardText:
+    """The text pass over one shard (a tar is streamed, its images skipped; a Parquet file's image
+    column is not read)."""
+    text = ShardText()
+    for sample, record, from_hash in shard_samples(shard, settings=settings, images=False):
+        moves = carved_split(record, from_hash=from_hash, carve=True, test_fraction=settings["test_fraction"]) \
+            != record.split
+        key = VAL_TO_TEST if moves else record.split
+        text.images[key] += 1
+        text.captions[key] += len(record.captions)
+        if record.split == "train":
+            text.words.update(word_counts(record.captions))
+        text.own_val += not from_hash and record.split == "val"
+        text.hashed += from_hash
+        text.objects = text.objects or record.objects is not None
+        if from_hash and sample.fields.get("split") is not None:
+            text.unknown.add(str(sample.fields["split"]))
+    return text
+
+
+def count_shard_text(batch: pa.Table, *, settings: dict) -> pa.Table:
+    """CPU task of the text pass: a block of shard URIs → one ``ShardText`` (as JSON) per shard."""
+    texts = [read_shard_text(shard, settings=settings).to_json() for shard in batch[SHARD].to_pylist()]
+    return pa.table({SHARD: batch[SHARD], "text": pa.array(texts, pa.string())})
+
+
+def _read_shards_text(uris: list[str], *, settings: dict, machine) -> ShardText:
+    """The text pass over every shard, a task per shard (at most ``MAX_BLOCKS`` tasks), merged here."""
+    import ray
+
+    ds = ray.data.from_arrow([pa.table({SHARD: pa.array(part, pa.string())})
+                              for part in _spread(uris, MAX_BLOCKS) if part])
+    ds = map_with_retries(ds, count_shard_text, fn_kwargs={"settings": settings}, batch_size=None,
+                          batch_format="pyarrow", num_cpus=task_cpus(machine, small=DECODE_CPUS, cluster=1.0),
+                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+    merged = ShardText()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for text in batch["text"].to_pylist():
+            merged.merge(ShardText.from_json(text))
+    return merged
+
+
+def _spread(items: list, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` runs of consecutive items, as even as can be."""
+    n = max(1, min(parts, len(items)))
+    bounds = [i * len(items) // n for i in range(n + 1)]
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def read_and_decode_stream(shard: str, *, image_size: int, errors_dir: str, rows: int, settings: dict,
+                           splits: list[str], carve: bool, vocab: Vocabulary,
+                           max_caption_tokens: int) -> Iterator[pa.Table]:
+    """One shard → the samples of ``splits`` decoded and tokenized, ``rows`` at a time, the shard
+    streamed once. A broken sample, or a failure of the whole shard, is recorded (with its split) as
+    ``read_and_decode`` records its failures."""
+    columns: dict[str, list] = {IMAGE_ID: [], IMAGE: [], CAPTIONS: [], TOKENS: [], SPLIT: []}
+    pixels, failures = [], []
+
+    def flush() -> pa.Table:
+        stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
+        table = pa.table({IMAGE_ID: pa.array(columns[IMAGE_ID], pa.string()),
+                          IMAGE: pa.array(columns[IMAGE], pa.string()),
+                          CAPTIONS: pa.array(columns[CAPTIONS], pa.list_(pa.string())),
+                          TOKENS: pa.array(columns[TOKENS], pa.list_(pa.list_(pa.int32()))),
+                          SPLIT: pa.array(columns[SPLIT], pa.string())})
+        return table.append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
+
+    for sample, record, from_hash in shard_samples(shard, settings=settings, images=True):
+        split = carved_split(record, from_hash=from_hash, carve=carve, test_fraction=settings["test_fraction"])
+        if split not in splits:
+            continue
+        try:
+            if sample.error is not None:
+                raise ImageDecodeError(sample.error)
+            array, _, _ = decode_image(sample.image, image_size)
+        except ImageDecodeError as exc:
+            failures.append({"image_id": record.image_id, "image": record.image, "error": str(exc), "split": split})
+            continue
+        for name, value in ((IMAGE_ID, record.image_id), (IMAGE, record.image), (CAPTIONS, list(record.captions)),
+                            (TOKENS, [vocab.encode(c, max_length=max_caption_tokens) for c in record.captions]),
+                            (SPLIT, split)):
+            columns[name].append(value)
+        pixels.append(array)
+        if len(pixels) == rows:
+            yield flush()
+            columns, pixels = {name: [] for name in columns}, []
+    _record_failures(failures, errors_dir)
+    if pixels:
+        yield flush()
+
+
 def decode_block(block: pa.Table, *, image_size: int, errors_dir: str, batch_size: int, image_column: str,
-                 key_column: str) -> Iterator[pa.Table]:
-    """CPU task: an input block (see ``_blocks``) → its images decoded, a few batches at a time."""
+                 key_column: str, stream: dict | None = None) -> Iterator[pa.Table]:
+    """CPU task: an input block (see ``_blocks``) → its images decoded, a few batches at a time.
+
+    A block of whole shards (``STREAM``) streams each (``read_and_decode_stream``; ``stream`` holds
+    what its samples need to become rows: the settings, the splits wanted, the carve, the vocabulary).
+    """
     if not block.num_rows:
         return
     rows = BATCHES_PER_BLOCK * batch_size
+    if block[STREAM][0].as_py():
+        vocab = Vocabulary(stream["vocab"])
+        for shard in block[IMAGE].to_pylist():
+            yield from read_and_decode_stream(
+                shard, image_size=image_size, errors_dir=errors_dir, rows=rows, settings=stream["settings"],
+                splits=stream["splits"], carve=stream["carve"], vocab=vocab,
+                max_caption_tokens=stream["max_caption_tokens"])
+        return
+    block = block.drop_columns([STREAM])
     first = block[IMAGE][0].as_py()
     if shards.shard_of(first) == first:  # loose images
         for start in range(0, block.num_rows, batch_size):
@@ -206,24 +386,49 @@ def prepare(config: PrepareConfig) -> dict:
 
     Everything that can be checked is checked before the previous dataset is touched: the
     annotations, the vocabulary, the encoder and its weights, the actors' resources. ``prepare.json``
-    (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named
-    splits: the others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``).
+    (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named splits: the
+    others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``). The run holds
+    ``out``'s lease throughout: a second prepare into it while this one lives is refused
+    (``lease.OutputBusy``, exit 2).
     """
     started = time.perf_counter()
     for uri in (*config.annotations, config.out):
         storage.check_bucket(uri)
-    every_record = read_config_records(asdict(config))
-    records = [r for r in every_record if r.split in config.splits]
-    by_split = {s: [r for r in records if r.split == s] for s in config.splits}
-    train_captions = [c for r in every_record if r.split == "train" for c in r.captions]
-    if not train_captions:
-        raise ConfigError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
-                          "vocabulary from")
-    vocab = Vocabulary.build(train_captions, size=config.vocab_size, min_count=config.min_word_count)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    with lease.acquire(config.out, run_id=run_id, timeout_s=config.lease_timeout_s, what="prepare run"):
+        return _prepare_holding(config, started=started)
+
+
+def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
+    """``prepare`` while this run holds the output's lease (``capray.lease``)."""
+    files, shard_uris = _sources(config)
+    # Annotation files are read here, whole (they are JSON documents); their carve waits for the shards'.
+    file_records = read_sources(files, test_fraction=0.0) if files else []
     encoder = build_encoder(config.encoder)  # fails fast (weights, names) before any Ray work
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
     encoder_state = state_bytes({k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     del encoder
+    text = ShardText()
+    if shard_uris:  # annotation files alone are checked through before Ray starts
+        ensure_ray()
+        text = _read_shards_text(shard_uris, settings=shard_settings(config), machine=local_machine())
+        log.info("prepare: %d samples in %d shard(s)", sum(text.images.values()), len(shard_uris))
+        if text.unknown:
+            log.warning("split values %s are none of %s: those samples are split by a hash of their key",
+                        ", ".join(sorted(text.unknown)[:5]), ", ".join(SPLITS))
+    carve = carves_val(config.test_fraction, any_val=text.own_val > 0 or any(r.split == "val" for r in file_records),
+                       any_hashed=text.hashed > 0, sources=config.annotations)
+    every_record = [replace(r, split=carved_split(r, from_hash=False, carve=carve, test_fraction=config.test_fraction))
+                    for r in file_records]
+    records = [r for r in every_record if r.split in config.splits]
+    shard_images, shard_captions = text.per_split(text.images, carve=carve), text.per_split(text.captions, carve=carve)
+    counts = {s: sum(r.split == s for r in records) + shard_images[s] for s in config.splits}
+    train_counts = word_counts(c for r in every_record if r.split == "train" for c in r.captions)
+    train_counts.update(text.words)
+    if not shard_captions["train"] and not any(r.captions for r in every_record if r.split == "train"):
+        raise ConfigError(f"{', '.join(config.annotations)}: the train split has no captions to build a "
+                          "vocabulary from")
+    vocab = Vocabulary.from_counts(train_counts, size=config.vocab_size, min_count=config.min_word_count)
     previous, kept = _kept_splits(config, spec=spec, vocab=vocab)
     if kept:  # the kept splits' tokens are ids of the dataset's vocabulary: it stays
         vocab = Vocabulary.load(storage.join(config.out, VOCAB_FILE))
@@ -252,22 +457,26 @@ def prepare(config: PrepareConfig) -> dict:
         storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
         vocab.save(storage.join(config.out, VOCAB_FILE))
     log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s%s",
-             len(records), ", ".join(f"{s} {len(v)}" for s, v in by_split.items()), spec.name,
+             sum(counts.values()), ", ".join(f"{s} {n}" for s, n in counts.items()), spec.name,
              spec.image_size, config.out, plan.describe(),
              f"; kept as they are: {', '.join(kept)}" if kept else "")
     encode_started = time.perf_counter()
-    _encode(records, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir)
+    stream = {"settings": shard_settings(config), "splits": list(config.splits), "carve": carve,
+              "vocab": vocab.words, "max_caption_tokens": config.max_caption_tokens}
+    _encode(records, shard_uris, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir, stream=stream)
     encode_seconds = time.perf_counter() - encode_started
     splits = {}
-    for split, split_records in by_split.items():
-        if split_records:
+    for split in config.splits:
+        if counts[split]:
             splits[split] = {"images": count_rows(storage.join(config.out, split)),
-                             "captions": sum(len(r.captions) for r in split_records)}
+                             "captions": sum(len(r.captions) for r in records if r.split == split)
+                             + shard_captions[split]}
     log.info("prepare: %s in %.1f s", ", ".join(f"{s} {v['images']}" for s, v in splits.items()), encode_seconds)
-    errors = [{**e, "split": split_of.get(e["image"])} for e in _collect_errors(errors_dir)]
+    errors = [{**e, "split": e.get("split") or split_of.get(e["image"])} for e in _collect_errors(errors_dir)]
     total_written = sum(s["images"] for s in splits.values())
-    if total_written + len(errors) != len(records):  # every image is a row or a listed error, nothing else
-        raise RuntimeError(f"prepare: {len(records)} images in, {total_written} written + {len(errors)} "
+    total = sum(counts.values())
+    if total_written + len(errors) != total:  # every image is a row or a listed error, nothing else
+        raise RuntimeError(f"prepare: {total} images in, {total_written} written + {len(errors)} "
                            "failed out; prepare.json not written")
     every_split = {**kept, **splits}
     splits = {s: every_split[s] for s in SPLITS if s in every_split}
@@ -281,7 +490,8 @@ def prepare(config: PrepareConfig) -> dict:
         "num_images": sum(s["images"] for s in splits.values()),
         "num_errors": len(errors),
         # ground truth for evaluate's object accuracy, in the new splits or the kept ones
-        "objects": any(r.objects is not None for r in records) or bool(kept and previous.get("objects")),
+        "objects": any(r.objects is not None for r in records) or (text.objects and any(shard_images.values()))
+        or bool(kept and previous.get("objects")),
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
@@ -345,10 +555,33 @@ def _summary_of_splits(previous: dict, kept: dict, errors: list[dict]) -> dict:
             "config": {**previous.get("config", {}), "splits": list(kept)}}
 
 
-def _encode(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, config: PrepareConfig,
-            plan: ActorPlan, errors_dir: str) -> None:
+def _sources(config: PrepareConfig) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """The annotation files (with their images roots) and the shard URIs (listed, each once) of a config."""
+    files, shard_uris, source_of = [], [], {}
+    for uri, images in pair_sources(config.annotations, config.images):
+        kind = source_kind(uri, images)
+        if kind is None:
+            files.append((uri, images))
+            continue
+        listed = shards.list_shards(uri, kind)
+        if not listed:
+            raise AnnotationError(f"{uri}: no {kind} shards")
+        for shard in listed:
+            other = source_of.setdefault(shard, uri)
+            if other != uri:
+                raise AnnotationError(f"{shard} is in {other} and in {uri}: each image may come from one "
+                                      "annotation source only")
+            shard_uris.append(shard)
+    return files, shard_uris
+
+
+def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, spec: EncoderSpec,
+            config: PrepareConfig, plan: ActorPlan, errors_dir: str, stream: dict) -> None:
     """Every split in one pipeline, so the encoder actors start once: rows carry their split, and the
-    Parquet writer files each row under ``OUT/<split>/`` (the split is the folder, not a column)."""
+    Parquet writer files each row under ``OUT/<split>/`` (the split is the folder, not a column).
+
+    The input blocks are the annotation files' records (``_blocks``) and the shards, a shard per block
+    (at most ``MAX_BLOCKS``), which their tasks stream (``STREAM``)."""
     import ray
 
     table = pa.table({
@@ -359,12 +592,23 @@ def _encode(records: list[Record], vocab: Vocabulary, *, spec: EncoderSpec, conf
                           for r in records], pa.list_(pa.list_(pa.int32()))),
         SPLIT: pa.array([r.split for r in records], pa.string()),
     })
-    blocks = _blocks(table, [shards.shard_of(r.image) for r in records], rows=BATCHES_PER_BLOCK * config.batch_size)
+    blocks = [b.append_column(STREAM, pa.array([False] * b.num_rows, pa.bool_()))
+              for b in _blocks(table, [shards.shard_of(r.image) for r in records],
+                               rows=BATCHES_PER_BLOCK * config.batch_size) if b.num_rows]
+    for part in _spread(shard_uris, MAX_BLOCKS):
+        if part:
+            blocks.append(pa.table({
+                IMAGE_ID: pa.array(part, pa.string()), IMAGE: pa.array(part, pa.string()),
+                CAPTIONS: pa.array([[]] * len(part), pa.list_(pa.string())),
+                TOKENS: pa.array([[]] * len(part), pa.list_(pa.list_(pa.int32()))),
+                SPLIT: pa.array([""] * len(part), pa.string()), STREAM: pa.array([True] * len(part), pa.bool_())}))
+    if not blocks:
+        return
     num_blocks = len(blocks)
     ds = ray.data.from_arrow(blocks)
     ds = map_with_retries(ds, decode_block, fn_kwargs={
                               "image_size": spec.image_size, "errors_dir": errors_dir, "batch_size": config.batch_size,
-                              "image_column": config.image_column, "key_column": config.key_column},
+                              "image_column": config.image_column, "key_column": config.key_column, "stream": stream},
                           batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors

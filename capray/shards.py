@@ -158,18 +158,23 @@ def check_columns(shard: str, *, image_column: str = "", key_column: str = "") -
 
 
 def iter_samples(shard: str, *, image_extensions: Sequence[str], image_column: str = "", key_column: str = "",
-                 columns: Sequence[str] = ()) -> Iterator[Sample]:
+                 columns: Sequence[str] = (), images: bool = True) -> Iterator[Sample]:
     """The samples of one shard, in order, streamed; the last may be a failure of the whole shard.
 
     A transient storage failure raises ``TransientStorageError`` (the task reading the shard runs
     again); everything else wrong is a ``Sample`` with ``error`` set. ``columns``: the Parquet columns to
     read besides the image and the key (a tar's ``.json`` and ``.txt`` are always read).
+
+    ``images=False`` reads the text only: a tar's image members are streamed past, never kept, and a
+    Parquet file's image column is not read at all. Each sample then has ``image`` None and is the same
+    sample (path, key, fields) as with images, except that a missing image is not noticed.
     """
     kind = shard_kind(shard)
     if kind == WEBDATASET:
-        yield from _tar_samples(shard, tuple(e.lower().lstrip(".") for e in image_extensions))
+        yield from _tar_samples(shard, tuple(e.lower().lstrip(".") for e in image_extensions), images=images)
     elif kind == PARQUET:
-        yield from _parquet_samples(shard, image_column=image_column, key_column=key_column, columns=columns)
+        yield from _parquet_samples(shard, image_column=image_column, key_column=key_column, columns=columns,
+                                    images=images)
     else:
         raise ConfigError(f"{shard}: not a .tar or .parquet shard")
 
@@ -186,7 +191,7 @@ class _Counting:
         return data
 
 
-def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Sample]:
+def _tar_samples(shard: str, image_extensions: tuple[str, ...], *, images: bool = True) -> Iterator[Sample]:
     fs, path = storage.resolve(shard)
     try:
         raw = fs.open_input_stream(path)
@@ -220,7 +225,11 @@ def _tar_samples(shard: str, image_extensions: tuple[str, ...]) -> Iterator[Samp
                             seen.add(key)
                             count += 1
                         key, members = member_key, {}
-                    members[extension.lower()] = tar.extractfile(member).read()
+                    extension = extension.lower()
+                    if images or extension not in image_extensions:
+                        members[extension] = tar.extractfile(member).read()
+                    else:  # text only: the stream moves past the image's bytes; none are kept
+                        members[extension] = None
                 end = tar.offset
             problem = _tail_problem(stream, end)
         except (tarfile.TarError, EOFError) as exc:
@@ -255,7 +264,7 @@ def _tail_problem(stream: _Counting, end: int) -> str | None:
     return "data after the end-of-archive marker (tars joined end to end?)" if nonzero else None
 
 
-def _tar_sample(shard: str, key: str, members: dict[str, bytes], image_extensions: tuple[str, ...], *,
+def _tar_sample(shard: str, key: str, members: dict[str, bytes | None], image_extensions: tuple[str, ...], *,
                 repeat: int | None) -> Sample:
     if repeat is not None:  # WebDataset keeps a sample's files together; a key seen again is another sample
         return Sample(sample_path(shard, f"{key}#{repeat}"), key, None,
@@ -273,15 +282,17 @@ def _tar_sample(shard: str, key: str, members: dict[str, bytes], image_extension
             fields["txt"] = members["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
             return Sample(path, key, None, error=f"{key}.txt is not UTF-8 ({exc.reason})")
-    image = next((members[e] for e in image_extensions if e in members), None)
-    if image is None:
+    found_image = next((e for e in image_extensions if e in members), None)
+    image = members[found_image] if found_image is not None else None
+    if found_image is None:
         found = ", ".join(sorted(members)) or "nothing"
         return Sample(path, key, None, fields, error=f"no image ({', '.join(image_extensions)}) in the sample, "
                                                        f"only {found}")
     return Sample(path, key, image, fields)
 
 
-def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns: Sequence[str]) -> Iterator[Sample]:
+def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns: Sequence[str],
+                     images: bool = True) -> Iterator[Sample]:
     fs, path = storage.resolve(shard)
     count = 0
     try:
@@ -295,18 +306,19 @@ def _parquet_samples(shard: str, *, image_column: str, key_column: str, columns:
                 wanted = ", ".join(missing) if missing else f"any of {', '.join(IMAGE_COLUMNS)}"
                 yield Sample(shard, None, None, error=f"no column {wanted} (it has {', '.join(names)})")
                 return
-            read = list(dict.fromkeys(c for c in (image, key, *columns) if c and c in names))
+            read = list(dict.fromkeys(c for c in (image if images else "", key, *columns) if c and c in names))
             seen: set[str] = set()
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=read):
                 rows = batch.to_pydict()
                 for i in range(batch.num_rows):
                     numbered = not key or rows[key][i] is None
                     sample_key = str(count) if numbered else str(rows[key][i])
-                    data = rows[image][i]
+                    data = rows[image][i] if images else None
                     if isinstance(data, dict):  # a Hugging Face image struct: {"bytes": ..., "path": ...}
                         data = data.get("bytes")
                     fields = {c: rows[c][i] for c in read if c != image}
-                    path, error = sample_path(shard, sample_key), None if data else f"no image bytes in column {image}"
+                    path = sample_path(shard, sample_key)
+                    error = None if data or not images else f"no image bytes in column {image}"
                     if sample_key in seen:  # another row with this key: its own path, and an error
                         path, error = sample_path(shard, f"{sample_key}#{count}"), "the key repeats an earlier row's"
                     seen.add(sample_key)

@@ -20,6 +20,11 @@ def tokenize(text: str) -> list[str]:
     return _NON_WORD.sub(" ", text).replace("_", " ").split()
 
 
+def word_counts(captions: Iterable[str]) -> Counter:
+    """How often each word (``tokenize``) occurs in ``captions``."""
+    return Counter(w for c in captions for w in tokenize(c))
+
+
 class Vocabulary:
     """An ordered word list: ids are positions, the four special tokens come first."""
 
@@ -44,11 +49,15 @@ class Vocabulary:
 
         Ties are broken alphabetically so the same captions always give the same vocabulary.
         """
+        return cls.from_counts(word_counts(captions), size=size, min_count=min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, *, size: int = 5000, min_count: int = 1) -> "Vocabulary":
+        """``build`` from word counts already made (``word_counts``, merged over shards read in tasks)."""
         if size <= len(SPECIALS):
             raise ConfigError(f"vocabulary size must exceed {len(SPECIALS)}, got {size}")
         if min_count < 1:
             raise ConfigError(f"min word count must be at least 1, got {min_count}")
-        counts = Counter(w for c in captions for w in tokenize(c))
         ranked = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
                         key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + ranked[: size - len(SPECIALS)])

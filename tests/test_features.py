@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -46,6 +47,22 @@ def test_a_failing_check_leaves_the_previous_dataset_as_it_was(tmp_path, case):
         prepare(PrepareConfig(annotations=str(manifest), out=str(out),
                               encoder=EncoderSpec("resnet18", weights, 64)))
 
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_prepare_into_an_output_that_a_live_run_holds_is_refused_and_touches_nothing(tmp_path):
+    from capray import lease
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red square"]}) + "\n")
+    (tmp_path / "a.png").write_bytes(_png("red"))
+    out = tmp_path / "features"
+    before = _previous_dataset(out)
+    with lease.acquire(str(out), run_id="other", timeout_s=60, what="prepare run"):
+        with pytest.raises(lease.OutputBusy):
+            prepare(PrepareConfig(annotations=str(manifest), out=str(out),
+                                  encoder=EncoderSpec("resnet18", "none", 64)))
+        assert storage.read_json(lease.lease_uri(str(out)))["run_id"] == "other"
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
@@ -125,3 +142,100 @@ def test_prepare_splits_rewrites_only_the_named_splits_and_keeps_the_others_reco
         with pytest.raises(ConfigError, match=re.escape(needle)):
             prepare(other)
         assert json.loads((out / PREPARE_FILE).read_text()) == after
+
+
+# --- prepare from shards: the driver never reads an image ------------------------------------------
+
+def _shards_world(folder) -> list[str]:
+    """A small shapes world as WebDataset shards (split from each sample's .json), one broken sample,
+    and a Parquet shard with no split column (split by a hash of the key); the annotation sources."""
+    import io as _io
+
+    import pyarrow.parquet as pq
+
+    from capray.synth import SynthConfig, generate
+    from test_shards import make_tar, put
+
+    tars = generate(str(folder / "world"), SynthConfig(num_images=30, seed=3, image_size=64), format="webdataset",
+                    samples_per_shard=8)
+    put(f"{tars}/00009.tar", make_tar([("b0", {"jpg": b"not a jpeg", "txt": b"a red circle"})]))
+    table = pa.table({"key": [f"p{i}" for i in range(12)],
+                      "caption": [f"a {c} square" for c in ("red", "green", "blue") * 4],
+                      "jpg": [_png(c) for c in ("red", "green", "blue") * 4]})
+    buffer = _io.BytesIO()
+    pq.write_table(table, buffer)
+    put(str(folder / "pq" / "00000.parquet"), buffer.getvalue())
+    return [tars, str(folder / "pq" / "00000.parquet")]  # the tars' folder first
+
+
+def _forbid_shard_reads(monkeypatch) -> list[str]:
+    """Make every read of a shard file in this process (the driver) fail, and list the attempts;
+    Ray's workers are other processes and read as usual."""
+    from capray import shards
+
+    attempts: list[str] = []
+
+    def guard(name, real):
+        def guarded(uri, *args, **kwargs):
+            for u in ([uri] if isinstance(uri, str) else list(uri)):
+                if shards.shard_kind(shards.shard_of(u)) is not None:
+                    attempts.append(f"{name}({u})")
+                    raise AssertionError(f"the driver read a shard: {name}({u})")
+            return real(uri, *args, **kwargs)
+        return guarded
+
+    for module, name in ((shards, "iter_samples"), (shards, "read_any"), (storage, "read_bytes"),
+                         (storage, "read_many"), (storage, "read_text"), (storage, "iter_lines")):
+        monkeypatch.setattr(module, name, guard(name, getattr(module, name)))
+    return attempts
+
+
+@pytest.mark.slow
+def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_records_give(ray_local, tmp_path,
+                                                                                         monkeypatch):
+    """The reference is what the records read on the driver (``read_sources``, as prepare did before)
+    make: the same ids per split, vocabulary, tokens, and the encoder's features of each decoded image."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from capray import shards
+    from capray.annotations import read_sources
+    from capray.encoders import build_encoder
+    from capray.images import decode_image
+    from capray.precision import EncoderStage
+    from capray.vocab import Vocabulary
+
+    sources = _shards_world(tmp_path)
+    spec = EncoderSpec("resnet18", "none", 64)
+    records = read_sources([(s, None) for s in sources], val_fraction=0.2, test_fraction=0.1)
+    vocab = Vocabulary.build([c for r in records if r.split == "train" for c in r.captions], size=40)
+    torch.manual_seed(0)
+    stage = EncoderStage(build_encoder(spec), torch.device("cpu"), threads=1)
+
+    attempts = _forbid_shard_reads(monkeypatch)
+    out = tmp_path / "features"
+    summary = prepare(PrepareConfig(annotations=tuple(sources), out=str(out), encoder=spec, actors=1, batch_size=8,
+                                    vocab_size=40, val_fraction=0.2, test_fraction=0.1))
+    monkeypatch.undo()
+    assert attempts == []
+
+    assert Vocabulary.load(str(out / "vocab.json")) == vocab
+    broken = f"{sources[0]}/00009.tar#b0"
+    assert [e["image"] for e in summary["errors"]] == [broken]
+    assert summary["errors"][0]["split"] == next(r.split for r in records if r.image == broken)
+    for split in ("train", "val", "test"):
+        expected = {r.image_id: r for r in records if r.split == split and r.image != broken}
+        got = pads.dataset(str(out / split), format="parquet").to_table().to_pylist()
+        assert sorted(row[IMAGE_ID] for row in got) == sorted(expected), split
+        assert summary["splits"][split] == {"images": len(expected),  # captions: of the broken sample's split too
+                                            "captions": sum(len(r.captions) for r in records if r.split == split)}
+        for row in got:
+            record = expected[row[IMAGE_ID]]
+            assert row[IMAGE] == record.image and row[CAPTIONS] == list(record.captions)
+            assert row[TOKENS] == [vocab.encode(c, max_length=summary["config"]["max_caption_tokens"])
+                                   for c in record.captions]
+        pixels = np.stack([decode_image(shards.read_any(row[IMAGE]), 64)[0] for row in got])
+        reference = stage(pixels).cpu().numpy()
+        features = np.stack([np.asarray(row["features"], np.float16) for row in got])
+        np.testing.assert_allclose(features.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert summary["objects"]
