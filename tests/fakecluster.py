@@ -597,6 +597,13 @@ class FakeCluster:
 # --- pytest fixtures ---------------------------------------------------------------------------
 
 
+SHARED_NODE_TYPES = {
+    "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
+    "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
+}
+"""The node types of the session's shared cluster (``shared_cluster`` in tests/conftest.py)."""
+
+
 def _require_slow(request: pytest.FixtureRequest) -> None:
     # A fixture cannot add a mark that `-m "not slow"` sees (selection happens before setup).
     if request.node.get_closest_marker("slow") is None:
