@@ -205,7 +205,9 @@ def test_beam_search_runs_on_a_worker_node_of_an_autoscaling_cluster(shared_clus
     out = tmp_path / "eval"
     result = cluster.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--checkpoint", shapes["checkpoint"],
                           "--features", shapes["features"], "--out", str(out), "--actors", "1",
-                          "--max-length", str(MAX_LENGTH), "--wait-timeout", "120"], timeout=300)
+                          "--max-length", str(MAX_LENGTH), "--wait-timeout", "120",
+                          "--shared-fs"],  # the fake cluster's nodes are processes of this machine: one disk
+                         timeout=300)
     assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
     nodes = json.loads((out / METRICS_FILE).read_text())["beam_search_nodes"]
     head = {n.node_id for n in cluster.nodes() if n.is_head}
