@@ -40,7 +40,7 @@ Measured on the 2-core test machine (Ray 2.60), each phase while other tests ran
 The autoscaler launches a GPU type only for GPU demand, but Ray's scheduler also puts CPU-only
 work on a GPU node that has spare CPUs (as on a real cluster).
 
-Linux only (reads /proc). Tests that use the fixtures must be marked `@pytest.mark.slow`.
+Linux only (reads /proc, through tests/killers.py). Tests that use the fixtures must be marked `@pytest.mark.slow`.
 """
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +61,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import pytest
+
+from killers import comm, descendants, environ, free_port, is_dead, kill, kill_group, pids, session_id
 
 T = TypeVar("T")
 
@@ -255,7 +255,7 @@ class FakeCluster:
             raise RuntimeError("the cluster is already started")
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._ray_tmp = Path(tempfile.mkdtemp(prefix="rfc-", dir="/tmp"))  # short: socket paths <= 107 bytes
-        self._port = _free_port()
+        self._port = free_port()
         self.config["provider"]["gcs_address"] = self.address
         config_path = self.tmp / "autoscaling.json"
         config_path.write_text(json.dumps(self.config, indent=1))
@@ -266,7 +266,7 @@ class FakeCluster:
             "PATH": f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            "AUTOSCALER_METRIC_PORT": str(_free_port()),  # a fixed 44217 by default
+            "AUTOSCALER_METRIC_PORT": str(free_port()),  # a fixed 44217 by default
             "RAY_AUTH_MODE": "disabled",
             "RAY_TMPDIR": str(self._ray_tmp),
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -280,8 +280,8 @@ class FakeCluster:
             "--include-dashboard=false",
             # The headless API server starts anyway, and the head's agent listens on a fixed port
             # (52365) by default: free ports, so that other Rays on this machine do not collide.
-            f"--dashboard-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",  # always started (ray[client]); default 10001
+            f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",  # always started (ray[client]); default 10001
             "--min-worker-port=0", "--max-worker-port=0",  # random worker ports
             f"--system-config={json.dumps(self._system_config, separators=(',', ':'))}",
             "--disable-usage-stats",
@@ -300,7 +300,7 @@ class FakeCluster:
             try:
                 _, stderr = starter.communicate(timeout=self._start_timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(starter)
+                kill_group(starter)
                 raise RuntimeError(f"ray start --head took over {self._start_timeout_s:g} s") from None
             if starter.returncode != 0:
                 raise RuntimeError(f"ray start --head failed ({starter.returncode}):\n{stderr[-3000:]}")
@@ -331,7 +331,7 @@ class FakeCluster:
         self._gcs = None  # before the GCS goes: a client left behind would retry and log
         self._record("test", "shutdown")
         for proc in self._clients:
-            _kill_group(proc)
+            kill_group(proc)
         self._clients.clear()
         left = _sweep(self._marker, self._sid)
         if self._watchdog is not None:
@@ -391,7 +391,7 @@ class FakeCluster:
         try:
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             stdout, stderr = proc.communicate()
             self._record("test", f"run timed out after {timeout:g} s: {_shorten(command)}")
             raise ClusterTimeout(f"`{command}` still running after {timeout:g} s\n"
@@ -493,13 +493,13 @@ class FakeCluster:
         if node.is_head:
             raise ValueError("kill_node takes a worker node; the head holds the GCS")
         raylets = [pid for pid in self.pids()
-                   if _comm(pid) == "raylet" and _environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id]
+                   if comm(pid) == "raylet" and environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id]
         if not raylets:
             raise ValueError(f"no running raylet for node {node_id}; alive: {[str(n) for n in self.worker_nodes()]}")
         victims = raylets + [pid for raylet in raylets for pid in descendants(raylet)]
         for pid in victims:  # the raylet first, so that it starts nothing new
-            _kill(pid)
-        self.wait_until(lambda: all(_is_zombie(pid) for pid in victims), timeout=10, interval=0.1,
+            kill(pid)
+        self.wait_until(lambda: all(is_dead(pid) for pid in victims), timeout=10, interval=0.1,
                         what=f"the processes of node {node.short_id} to die of SIGKILL")
         self._record("test", f"killed node {node.short_id} ({node.node_type}): "
                              f"raylet {raylets[0]} and {len(victims) - 1} processes under it")
@@ -597,6 +597,13 @@ class FakeCluster:
 # --- pytest fixtures ---------------------------------------------------------------------------
 
 
+SHARED_NODE_TYPES = {
+    "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
+    "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
+}
+"""The node types of the session's shared cluster (``shared_cluster`` in tests/conftest.py)."""
+
+
 def _require_slow(request: pytest.FixtureRequest) -> None:
     # A fixture cannot add a mark that `-m "not slow"` sees (selection happens before setup).
     if request.node.get_closest_marker("slow") is None:
@@ -660,12 +667,6 @@ def _node_ip() -> str:
     return ray._private.services.get_node_ip_address()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _shorten(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -690,13 +691,13 @@ def _log_records(path: Path) -> Iterator[str]:
 
 
 def _cluster_pids(marker: str, sid: int) -> list[int]:
-    pids = []
-    for pid in _pids():
-        if pid == os.getpid() or _is_zombie(pid):
+    found = []
+    for pid in pids():
+        if pid == os.getpid() or is_dead(pid):
             continue
-        if _environ(pid).get(_MARKER) == marker or (_sid(pid) == sid and _comm(pid).startswith("ray::")):
-            pids.append(pid)
-    return pids
+        if environ(pid).get(_MARKER) == marker or (session_id(pid) == sid and comm(pid).startswith("ray::")):
+            found.append(pid)
+    return found
 
 
 def _sweep(marker: str, sid: int) -> list[int]:
@@ -705,7 +706,7 @@ def _sweep(marker: str, sid: int) -> list[int]:
     for _ in range(20):  # the monitor may launch a node between two sweeps
         left = _cluster_pids(marker, sid)
         for pid in left:
-            _kill(pid)
+            kill(pid)
         if not left:
             break
         time.sleep(0.5)
@@ -731,79 +732,3 @@ def _start_watchdog(marker: str, ray_tmp: Path) -> subprocess.Popen:
     # Its own session: a Ctrl-C to the test's process group must not stop it first.
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True,
                             start_new_session=True, stdout=subprocess.DEVNULL)
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def _sid(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return -1
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _stat(pid: int) -> list[str]:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text[text.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
-
-
-def _is_zombie(pid: int) -> bool:
-    """Dead: gone, or a zombie that its parent has not reaped yet."""
-    stat = _stat(pid)
-    return not stat or stat[0] in ("Z", "X")
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (children, grandchildren, ...)."""
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        stat = _stat(pid)
-        if stat:
-            children.setdefault(int(stat[1]), []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a client started in its own session, with anything it started."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass

@@ -34,7 +34,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import SPECIALS, Vocabulary
-from killers import KillInBackground, ray_workers
+from killers import KillInBackground, kill_group, kill_processes_mentioning, ray_workers
 from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,22 +309,6 @@ def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkp
     assert (summary.ok, summary.errors, summary.skipped) == (len(names), 1, 0)
 
 
-def _kill_processes_mentioning(text: str) -> None:
-    """SIGKILL the processes whose command line mentions ``text`` (the killed job's own Ray)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3,
                                                      job_env):
     """The job's whole process group is SIGKILLed once shards are out; running it again adds exactly the rest."""
@@ -349,7 +333,7 @@ def test_killed_run_then_rerun_yields_every_row_once(ray_local, s3_bucket, check
     finally:
         job.kill()
         job.wait()
-        _kill_processes_mentioning(env["RAY_TMPDIR"])
+        kill_processes_mentioning(env["RAY_TMPDIR"])
     before = read_output(str(output)).column("path").to_pylist()
     assert 2 <= len(before) < len(names), job.stderr.read().decode()[-2000:]  # killed mid-run
     assert not (output / SUMMARY_FILE).exists()
@@ -530,10 +514,9 @@ def _stuck_caption_job(s3_bucket: str, output: str, checkpoint: str, faulty_s3, 
 
 
 def _kill_job(job: subprocess.Popen, env: dict) -> None:
-    if job.poll() is None:
-        os.killpg(job.pid, signal.SIGKILL)
+    kill_group(job)
     job.wait()
-    _kill_processes_mentioning(env["RAY_TMPDIR"])
+    kill_processes_mentioning(env["RAY_TMPDIR"])
 
 
 def _wait_for(condition, job: subprocess.Popen, timeout_s: float = 120) -> None:

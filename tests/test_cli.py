@@ -1,9 +1,12 @@
 """The command line's contract: bad usage or configuration → exit 2 and one line on stderr, fast."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -17,9 +20,39 @@ from capray import cli
 from capray import config as configs
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m capray.cli ARGS`` for real: the entry point, its imports and its whole stderr."""
     return subprocess.run([sys.executable, "-m", "capray.cli", *args], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "RAY_ADDRESS": "", **(env or {})})
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``capray ARGS`` in this process, through the same ``cli.main`` the console script calls: its exit
+    code, and what it printed or logged (at the INFO level a command runs with) on stdout and stderr.
+    A process costs a Python with torch imported, seconds each; each command runs in one real process
+    too (``test_help_works_for_every_subcommand`` and the tests that call ``run_cli_process``)."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    root = logging.getLogger()
+    saved_level, saved_env = root.level, {k: os.environ.get(k) for k in {"RAY_ADDRESS", *(env or {})}}
+    os.environ.update({"RAY_ADDRESS": "", **(env or {})})
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("CAPRAY_LOG_LEVEL", "INFO").upper())
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:  # argparse: usage errors and --help
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["capray", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -63,8 +96,8 @@ def test_prepare_with_a_malformed_manifest_names_file_and_line(tmp_path):
 def test_prepare_with_imagenet_weights_offline_points_to_the_way_out(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "a.png", "captions": ["a red circle"], "split": "train"}) + "\n")
-    result = run_cli("prepare", "--annotations", str(manifest), "--out", str(tmp_path / "f"),
-                     "--encoder.name", "resnet18", "--encoder.weights", "imagenet",
+    result = run_cli_process("prepare", "--annotations", str(manifest), "--out", str(tmp_path / "f"),
+                             "--encoder.name", "resnet18", "--encoder.weights", "imagenet",
                      env={"TORCH_HOME": str(tmp_path / "torch-home"), "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert_one_line_exit_2(result, "--weights none")
 
@@ -81,13 +114,13 @@ def test_evaluate_with_a_missing_checkpoint(tmp_path):
     features = tmp_path / "features"
     features.mkdir()
     (features / "prepare.json").write_text(json.dumps({"splits": {"test": {"images": 1}}, "num_features": 8}))
-    result = run_cli("evaluate", "--checkpoint", str(tmp_path / "nope"), "--features", str(features),
-                     "--out", str(tmp_path / "eval"))
+    result = run_cli_process("evaluate", "--checkpoint", str(tmp_path / "nope"), "--features", str(features),
+                             "--out", str(tmp_path / "eval"))
     assert_one_line_exit_2(result, "--checkpoint")
 
 
 def test_missing_required_flags_are_one_usage_error():
-    result = run_cli("caption", "--input", "x")
+    result = run_cli_process("caption", "--input", "x")
     assert_one_line_exit_2(result, "--out", "--checkpoint")
 
 
@@ -97,7 +130,7 @@ def test_a_bad_number_is_one_usage_error():
 
 @pytest.mark.parametrize("command", ["synth", "prepare", "train", "caption", "evaluate", "attend", "gallery", "demo"])
 def test_help_works_for_every_subcommand(command):
-    result = run_cli(command, "--help")
+    result = run_cli_process(command, "--help")
     assert result.returncode == 0 and f"capray {command}" in result.stdout
 
 
@@ -314,7 +347,7 @@ def test_a_resumed_run_with_other_decoder_flags_is_exit_2_before_any_worker_star
     common = ["train", "--features", str(features), "--out", str(tmp_path / "runs"), "--name", "r", "--epochs", "3",
               "--embed-dim", "8", "--projection-dim", "8", "--attention-dim", "8"]
 
-    result = run_cli(*common, "--decoder", "lstm", "--hidden-dim", "32")
+    result = run_cli_process(*common, "--decoder", "lstm", "--hidden-dim", "32")
 
     assert_one_line_exit_2(result, "kind gru → lstm (--decoder)", "hidden_dim 16 → 32 (--hidden-dim)")
     assert "embed_dim" not in result.stderr  # only what differs

@@ -18,6 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.extended  # the harness's own tests: make test-all, and CI when the harness changes
 
+from killers import is_dead
 from fakecluster import DEFAULT_NODE_TYPES, FakeCluster, fake_cluster, fake_cluster_factory  # noqa: F401
 
 
@@ -39,14 +40,6 @@ def _client(cluster: FakeCluster, body: str, *args: str, timeout: float = 90) ->
     lines = result.stdout.strip().splitlines()
     assert lines, f"the driver printed nothing; stderr:\n{result.stderr[-2000:]}"
     return json.loads(lines[-1])
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"  # a zombie has died; its parent has not reaped it yet
 
 
 def test_config_has_the_shape_of_cluster_yaml(tmp_path):
@@ -107,10 +100,10 @@ def test_cluster_of_a_test_process_killed_outright_is_torn_down_by_its_watchdog(
         owner.wait()
     assert started["pids"]
     deadline = time.monotonic() + 30
-    while (any(_running(pid) for pid in started["pids"]) or Path(started["ray_tmpdir"]).exists()) \
+    while (any(not is_dead(pid) for pid in started["pids"]) or Path(started["ray_tmpdir"]).exists()) \
             and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert [pid for pid in started["pids"] if _running(pid)] == []
+    assert [pid for pid in started["pids"] if not is_dead(pid)] == []
     assert not Path(started["ray_tmpdir"]).exists()
 
 

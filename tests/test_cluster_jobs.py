@@ -21,13 +21,10 @@ import pytest
 
 from capray.synth import SynthConfig, generate
 from fakecluster import FakeCluster
+from killers import command_line, comm, descendants, environ
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-NODE_TYPES = {
-    "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
-    "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
-}
 SHARED_FS = {"CAPRAY_SHARED_FS": "1"}
 """The fake cluster's nodes are processes of this machine: its local paths are a filesystem they all share."""
 SMALL_DECODER = ["--embed-dim", "32", "--hidden-dim", "64", "--projection-dim", "32", "--attention-dim", "32",
@@ -39,10 +36,9 @@ def _job(name: str, *args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_server):
-    with FakeCluster(NODE_TYPES, tmp=tmp_path_factory.mktemp("cluster"), idle_timeout_s=15.0) as cluster:
-        yield cluster
-        print(f"\nfake cluster timeline:\n{cluster.timeline_text()}")
+def cluster(shared_cluster) -> FakeCluster:
+    """The session's cluster (tests/conftest.py): cpu_2 and gpu_1 nodes, none up when idle."""
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +59,19 @@ def _finish(job, log: Path, *, timeout: float) -> str:
     return log.read_text()
 
 
-def _workers_on(cluster: FakeCluster, class_fragment: str) -> set[str]:
-    """Node ids where alive actors whose class name contains ``class_fragment`` run (asked of the GCS:
-    the fake cluster runs no dashboard, so the State API is not there)."""
-    code = textwrap.dedent(f"""
-        import json, ray
-        from ray._private.state import actors
-        ray.init(log_to_driver=False)
-        print(json.dumps(sorted({{a["Address"]["NodeID"] for a in actors().values()
-                                 if a["State"] == "ALIVE" and {class_fragment!r} in a["ActorClassName"]}})))
-    """)
-    result = cluster.python(code, timeout=60, check=False)
-    lines = result.stdout.strip().splitlines()
-    return set(json.loads(lines[-1])) if result.returncode == 0 and lines else set()
+def _nodes_running(cluster: FakeCluster, title: str) -> set[str]:
+    """Ids of the worker nodes where a process titled ``title...`` runs (a Ray actor's title names its
+    class, e.g. ``ray::RayTrainWorker``), read from /proc: each node's raylet names its node id in its
+    environment and the node's workers descend from it. Instant, unlike asking the GCS from a driver
+    of its own, which started a Python process with ``ray.init`` at every poll."""
+    found = set()
+    for pid in cluster.pids():
+        if comm(pid) != "raylet":
+            continue
+        node_id = environ(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+        if node_id and any(command_line(child).startswith(title) for child in descendants(pid)):
+            found.add(node_id)
+    return found
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:
@@ -89,63 +85,85 @@ def _registered_checkpoint(run_dir: Path) -> bool:
         return False
 
 
-def _kill_a_node_running(cluster: FakeCluster, job, class_fragment: str, *, ready, timeout: float) -> str:
-    """Once ``ready()`` holds, SIGKILL the raylet of a node where such an actor runs; returns its id."""
+def _kill_a_node_running(cluster: FakeCluster, job, title: str, *, ready, timeout: float) -> str:
+    """Once ``ready()`` holds, SIGKILL the raylet of a node where a process titled ``title...`` runs;
+    returns the node's id. Fails if the job ends first: the loss must land mid-run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert job.poll() is None, f"the job ended before a node could be lost:\n{cluster.report()}"
         if ready():
-            nodes = _workers_on(cluster, class_fragment)
+            nodes = _nodes_running(cluster, title)
             if nodes:
                 victim = sorted(nodes)[0]
                 cluster.kill_node(victim)
+                assert job.poll() is None, "the job ended while its node was being lost"
                 return victim
-        time.sleep(1.0)
-    raise AssertionError(f"no {class_fragment} actor to take down within {timeout} s:\n{cluster.report()}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {title} process to take down within {timeout} s:\n{cluster.report()}")
 
 
-def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world):
+@pytest.fixture(scope="module")
+def prepared(cluster, world) -> subprocess.CompletedProcess:
+    """The prepare job, run once on the module's cluster while it has no worker node: the features
+    the training below reads. A fixture, so that each test runs alone too (``-k``)."""
     cluster.wait_for_workers(0, timeout=120)
-    result = cluster.run(_job("prepare", "--annotations", world["manifest"], "--out", world["features"],
-                              "--encoder.name", "efficientnet_lite0", "--encoder.image-size", "64", "--batch-size", "16",
-                              "--vocab-size", "100"), timeout=600, env=SHARED_FS)
-    assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
+    return cluster.run(_job("prepare", "--annotations", world["manifest"], "--out", world["features"],
+                            "--encoder.name", "efficientnet_lite0", "--encoder.image-size", "64", "--batch-size", "16",
+                            "--vocab-size", "100"), timeout=600, env=SHARED_FS)
+
+
+TRAIN_EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def trained_through_a_lost_node(cluster, world, prepared) -> dict:
+    """Training from an empty cluster, one of its nodes SIGKILLed once a checkpoint is registered;
+    what the train test checks, and the checkpoint the caption test uses."""
+    assert prepared.returncode == 0, "prepare failed (see test_prepare_scales_up_an_empty_cluster_and_finishes)"
+    cluster.wait_for_workers(0, timeout=120)
+    run_dir = Path(world["runs"], "lost")
+    log = Path(world["root"], "train.log")
+    job = _start(cluster, _job("train", "--features", world["features"], "--out", world["runs"], "--name", "lost",
+                               "--workers", "2", "--epochs", str(TRAIN_EPOCHS), "--max-failures", "3",
+                               *SMALL_DECODER), log)
+    try:
+        victim = _kill_a_node_running(cluster, job, "ray::RayTrainWorker",
+                                      ready=lambda: _registered_checkpoint(run_dir), timeout=400)
+        output = _finish(job, log, timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    return {"returncode": job.returncode, "victim": victim, "output": output, "run_dir": run_dir}
+
+
+def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world, prepared):
+    assert prepared.returncode == 0, cluster.report() + prepared.stderr[-3000:]
     info = json.loads(Path(world["features"], "prepare.json").read_text())
     assert info["num_images"] == 240 and info["num_errors"] == 0
     assert [n for n in cluster.nodes() if not n.is_head], "no worker node was launched"
 
 
-def test_train_scales_up_and_resumes_after_losing_a_node(cluster, world):
-    if not Path(world["features"], "prepare.json").exists():
-        pytest.fail("the prepare test above did not leave its features (see its failure)")
-    cluster.wait_for_workers(0, timeout=120)
-    run_dir = Path(world["runs"], "lost")
-    log = Path(world["root"], "train.log")
-    job = _start(cluster, _job("train", "--features", world["features"], "--out", world["runs"], "--name", "lost",
-                               "--workers", "2", "--epochs", "12", "--max-failures", "3", *SMALL_DECODER), log)
-
-    victim = _kill_a_node_running(cluster, job, "RayTrainWorker", ready=lambda: _registered_checkpoint(run_dir),
-                                  timeout=400)
-    output = _finish(job, log, timeout=600)
-
-    assert job.returncode == 0, cluster.report() + output[-3000:]
-    assert not cluster.node(victim).alive
-    states = [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/train_state.json")]
+def test_train_scales_up_and_resumes_after_losing_a_node(cluster, trained_through_a_lost_node):
+    run = trained_through_a_lost_node
+    assert run["returncode"] == 0, cluster.report() + run["output"][-3000:]
+    assert not cluster.node(run["victim"]).alive
+    states = [json.loads(p.read_text()) for p in run["run_dir"].glob("checkpoint_*/train_state.json")]
     last = max(states, key=lambda s: s["epoch"])
-    assert last["epoch"] == 11  # all 12 epochs
+    assert last["epoch"] == TRAIN_EPOCHS - 1  # every epoch
     assert last["resumed_from_epoch"] >= 1  # the group restarted from a checkpoint, not from scratch
-    print(f"\ntrain: node {victim[:8]} lost; resumed from epoch {last['resumed_from_epoch']}, "
+    print(f"\ntrain: node {run['victim'][:8]} lost; resumed from epoch {last['resumed_from_epoch']}, "
           f"finished epoch {last['epoch'] + 1} (val BLEU-4 {last['val_bleu4']:.3f})")
 
 
-def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, tmp_path):
-    runs = Path(world["runs"], "lost")
-    if not list(runs.glob("checkpoint_*")):
-        pytest.fail("the train test above did not leave a checkpoint (see its failure)")
+def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, trained_through_a_lost_node,
+                                                               tmp_path):
+    runs = trained_through_a_lost_node["run_dir"]
+    assert trained_through_a_lost_node["returncode"] == 0, "training failed (see the train test)"
     images = tmp_path / "images"
     images.mkdir()
     sources = sorted(Path(world["root"], "shapes", "images").rglob("*.png"))
-    for i in range(900):  # enough work that the run is still going when its node is lost
+    for i in range(400):  # enough work that the run is still going when its node is lost
         shutil.copyfile(sources[i % len(sources)], images / f"img-{i:04d}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     output = tmp_path / "captions"
@@ -154,18 +172,18 @@ def test_caption_scales_up_and_loses_nothing_when_a_node_dies(cluster, world, tm
     job = _start(cluster, _job("caption", "--input", str(images), "--out", str(output), "--checkpoint", str(runs),
                                "--batch-size", "8", "--max-actors", "2"), log)
 
-    victim = _kill_a_node_running(cluster, job, "MapWorker", ready=lambda: True, timeout=300)
+    victim = _kill_a_node_running(cluster, job, "ray::MapWorker", ready=lambda: True, timeout=300)
     printed = _finish(job, log, timeout=600)
 
     assert job.returncode == 0, cluster.report() + printed[-3000:]
     table = pq.ParquetDataset(sorted(str(p) for p in output.glob("part-*.parquet"))).read()
     paths = table.column("path").to_pylist()
-    assert len(paths) == len(set(paths)) == 901  # one row per image: nothing lost, nothing twice
+    assert len(paths) == len(set(paths)) == 401  # one row per image: nothing lost, nothing twice
     assert sorted(paths) == sorted(str(p) for p in images.iterdir())
     errors = [r["path"] for r in table.to_pylist() if r["error"]]
     assert errors == [str(images / "broken.png")]
     summary = json.loads((output / "summary.json").read_text())
-    assert (summary["ok"], summary["errors"]) == (900, 1)
+    assert (summary["ok"], summary["errors"]) == (400, 1)
     print(f"\ncaption: node {victim[:8]} lost mid-run; {len(paths)} rows, each image once")
 
 

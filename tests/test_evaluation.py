@@ -30,7 +30,6 @@ from capray.metrics import attention_grounding, cell_overlaps
 from capray.model import Decoder, DecoderConfig
 from capray.synth import SynthConfig, generate
 from capray.vocab import SPECIALS, Vocabulary
-from fakecluster import fake_cluster_factory  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128  # resnet18's last stage: 4×4 regions
@@ -201,12 +200,14 @@ def image_id_uri(shapes: dict, image_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_beam_search_runs_on_a_worker_node_of_an_autoscaling_cluster(fake_cluster_factory, shapes, tmp_path):
-    cluster = fake_cluster_factory({"cpu_2": {"resources": {"CPU": 2}, "max_workers": 1}})
+def test_beam_search_runs_on_a_worker_node_of_an_autoscaling_cluster(shared_cluster, shapes, tmp_path):
+    cluster = shared_cluster
     out = tmp_path / "eval"
     result = cluster.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--checkpoint", shapes["checkpoint"],
                           "--features", shapes["features"], "--out", str(out), "--actors", "1",
-                          "--max-length", str(MAX_LENGTH), "--wait-timeout", "120"], timeout=300)
+                          "--max-length", str(MAX_LENGTH), "--wait-timeout", "120",
+                          "--shared-fs"],  # the fake cluster's nodes are processes of this machine: one disk
+                         timeout=300)
     assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
     nodes = json.loads((out / METRICS_FILE).read_text())["beam_search_nodes"]
     head = {n.node_id for n in cluster.nodes() if n.is_head}

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +23,11 @@ from capray.checkpoint import model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import Vocabulary
+from killers import free_port, kill_processes_mentioning
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_checkpoint(directory: Path) -> None:
@@ -51,27 +44,6 @@ def _tiny_checkpoint(directory: Path) -> None:
                      vocab=vocab, train_state={"epoch": 0})
 
 
-def _kill_cluster(temp_dir: str) -> None:
-    """SIGKILL every process of this head (raylet and gcs ignore SIGTERM); they all name its temp dir."""
-    for _ in range(3):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if temp_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                        pids.append(int(entry.name))
-                except OSError:
-                    continue
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not pids:
-            return
-        time.sleep(1)
-
-
 def test_caption_job_runs_through_ray_job_submit(tmp_path):
     images = tmp_path / "images"
     (images / "nested").mkdir(parents=True)
@@ -82,14 +54,14 @@ def test_caption_job_runs_through_ray_job_submit(tmp_path):
     output = tmp_path / "captions"
 
     temp_dir = tempfile.mkdtemp(prefix="capray-head-", dir="/tmp")  # short: Ray's socket paths have a limit
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "240"}
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+    start = subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
                             # The agent's HTTP port, which job submission goes through, is fixed (52365)
                             # by default: taken when the test session's own Ray is running.
-                            f"--dashboard-agent-listen-port={_free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                            f"--dashboard-agent-listen-port={free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     try:
@@ -109,7 +81,7 @@ def test_caption_job_runs_through_ray_job_submit(tmp_path):
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
         assert "succeeded" in job.stdout.lower()
     finally:
-        _kill_cluster(temp_dir)
+        kill_processes_mentioning(temp_dir)  # raylet and gcs ignore SIGTERM
         shutil.rmtree(temp_dir, ignore_errors=True)
     shards = sorted(output.glob("*.parquet"))
     assert shards, "the job wrote no Parquet output"

@@ -76,7 +76,7 @@ def test_every_readme_command_parses_with_current_names(command, args, capsys, t
 # --- the local block, run for real ---------------------------------------------------------------------
 
 SMALLER = {
-    "synth": ["--num-images", "150", "--image-size", "64"],
+    "synth": ["--num-images", "80", "--image-size", "64"],
     "prepare": ["--encoder.image-size", "64"],
     "train": ["--epochs", "1", "--batch-size", "16"],
 }

@@ -160,27 +160,6 @@ def test_caption_writes_the_captions_evaluate_scores(pipeline, faulted_run, tmp_
     assert len(set(scored.values())) > 3  # a model that says one thing for every image would prove nothing
 
 
-def test_workers_that_hold_every_cpu_still_get_their_data(pipeline, tmp_path):
-    """Two workers × 1 CPU take the whole 2-CPU local Ray: features read by Ray Data must be read before
-    they start (a lazy read would wait forever for a CPU). Its own process, so a hang is a timeout, not a stuck suite."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    args = ["train", "--features", pipeline["features"], "--out", str(tmp_path), "--name", "full", "--workers", "2",
-            "--cpus-per-worker", "1", "--epochs", "1", "--val-images", "8", "--attention-images", "0",
-            "--driver-read-mb", "0",  # read by Ray Data's tasks, as a feature set too large for the driver is
-            *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL_DECODER.items() if k != "val_images"]]
-    try:
-        result = subprocess.run([sys.executable, "-m", "capray.cli", *args], env=env, capture_output=True, text=True,
-                                timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("capray train with every CPU held by a worker did not finish in 300 s")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [e["epoch"] for e in read_metrics(str(tmp_path / "full"))] == [0]
-
-
 def test_small_features_read_by_the_driver_are_the_rows_ray_data_reads(pipeline, tmp_path):
     """Below --driver-read-mb the driver reads the splits itself (no Ray Data job); the rows are the same."""
     from capray.features import load_prepare_info
@@ -340,13 +319,18 @@ def test_event_log_of_an_s3_run_removes_its_local_copy(s3_bucket):
 def test_a_run_resumed_with_more_epochs_and_workers_continues_its_learning_rate(pipeline, tmp_path):
     """2 epochs on 1 worker, then resumed to 4 epochs on 2 workers (half the steps per epoch). The first run
     ended its cosine at 1% of the peak; the resumed one goes on from there (metrics.jsonl's lr column) and
-    never jumps back up, as recomputing the cosine over 4 epochs in steps of the new worker count did."""
+    never jumps back up, as recomputing the cosine over 4 epochs in steps of the new worker count did.
+
+    The resumed run's two workers take 1 CPU each, the whole 2-CPU local Ray, and its features are read by
+    Ray Data's tasks (``driver_read_mb=0``, as a feature set too large for the driver is): they must be read
+    before the workers start, or the read waits forever for a CPU (here: Ray Data's no-progress timeout,
+    RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S, makes it an error)."""
     from capray.loop import FINAL_FACTOR, Schedule
 
     first = TrainConfig(features=pipeline["features"], out=str(tmp_path), name="extended", workers=1, epochs=2,
                         val_every=2, attention_images=0, **{**SMALL_DECODER, "val_images": 8})
     train(first)
-    train(replace(first, epochs=4, workers=2))
+    train(replace(first, epochs=4, workers=2, cpus_per_worker=1.0, driver_read_mb=0.0))
 
     rates = [m["lr"] for m in read_metrics(str(tmp_path / "extended"))]
     assert len(rates) == 4 and all(b <= a for a, b in zip(rates, rates[1:])), rates  # never back up
