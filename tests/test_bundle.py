@@ -113,7 +113,7 @@ def test_a_bundle_over_budget_fails_with_one_line_after_its_table(built):
     assert run.returncode == 2, run.stderr
     (line,) = run.stderr.strip().splitlines()
     assert re.fullmatch(rf"bundle: {re.escape(str(folder))} is [0-9.]+ MiB, over the --max-mib 1 budget", line)
-    assert "ray-2.60.0-cp" in run.stdout and "wheels/capray-0.1.0-py3-none-any.whl" in run.stdout
+    assert "ray-2.60.0-cp" in run.stdout and f"wheels/capray-{metadata.version('capray')}-py3-none-any.whl" in run.stdout
     assert run.stdout.strip().splitlines()[-1].endswith("MiB  total")
 
 
