@@ -105,22 +105,3 @@ def test_cluster_of_a_test_process_killed_outright_is_torn_down_by_its_watchdog(
         time.sleep(0.5)
     assert [pid for pid in started["pids"] if not is_dead(pid)] == []
     assert not Path(started["ray_tmpdir"]).exists()
-
-
-@pytest.mark.slow
-def test_a_job_with_local_paths_is_refused_on_the_cluster_before_it_asks_for_anything(fake_cluster, s3_bucket,
-                                                                                        tmp_path):
-    """On a cluster whose nodes join later, a local --features/--out would be each node's own disk: refused
-    in one line (exit 2) before the job connects or asks the autoscaler for a node; s3:// passes the check."""
-    job = str(Path(__file__).resolve().parents[1] / "jobs" / "train.py")
-    started = time.monotonic()
-    local = fake_cluster.run([sys.executable, job, "--features", str(tmp_path / "features"), "--out",
-                              f"{s3_bucket}/runs"], timeout=120)
-    assert local.returncode == 2, local.stderr[-2000:]
-    lines = local.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"--features {tmp_path / 'features'}: a local path" in lines[0], lines
-    assert time.monotonic() - started < 30 and fake_cluster.worker_nodes() == []
-
-    remote = fake_cluster.run([sys.executable, job, "--features", f"{s3_bucket}/features", "--out",
-                               f"{s3_bucket}/runs"], timeout=120)
-    assert remote.returncode == 2 and "not a feature dataset" in remote.stderr, remote.stderr[-2000:]
