@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shard_input import build_checkpoint  # noqa: E402 (the cheap captioner of the bench next door)
+from shard_input import build_checkpoint, start_s3  # noqa: E402 (the bench next door's captioner and S3)
 
 from capray import shards, storage  # noqa: E402
 from capray.synth import SynthConfig, generate  # noqa: E402
@@ -69,20 +69,7 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-    import boto3
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    boto3.client("s3").create_bucket(Bucket="bench")
+    server = start_s3("bench")
     results: dict = {"num_images": args.num_images, "broken": args.broken, "image_size": args.image_size,
                      "rows_per_shard": args.rows_per_shard or "default",
                      "samples_per_shard": args.samples_per_shard, "inputs": {}}

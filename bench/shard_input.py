@@ -50,21 +50,7 @@ def main() -> None:
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-
-    import boto3
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    boto3.client("s3").create_bucket(Bucket="bench")
+    server = start_s3("bench")
     try:
         inputs = make_inputs("s3://bench", args)
         checkpoint = os.path.join(workdir, "checkpoint")
@@ -90,6 +76,25 @@ def main() -> None:
     if args.json:
         storage.write_json(args.json, results)
 
+
+
+def start_s3(bucket: str):
+    """moto's S3 server on 127.0.0.1, in this process, with ``bucket`` made and the AWS variables set so
+    that this process and every process it starts (Ray's included) use it; returns the server."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return server
 
 def make_inputs(bucket: str, args) -> dict[str, str]:
     """The same JPEG bytes as loose objects, WebDataset shards and Parquet files."""
