@@ -32,8 +32,6 @@ re-run to skip anything, and would still need the full-URI path shards below.
 """
 from __future__ import annotations
 
-import functools
-import io
 import json
 import logging
 import time
@@ -50,8 +48,9 @@ from capray.config import CaptionConfig
 from capray.errors import ConfigError
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
 from capray.images import ImageDecodeError, decode_image
-from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_of, drop_error_rows,
-                            finished_paths, input_kind, input_paths, write_listing, write_marker)
+from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_bytes, digests_of,
+                            drop_error_rows, finished_paths, input_kind, input_paths, load_digests, write_listing,
+                            write_marker)
 from capray.progress import Progress, report
 from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
 from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus
@@ -303,7 +302,7 @@ def _plan_shards(input_shards: list[str], done_in_shards: dict[str, np.ndarray],
     todo = [s for s in input_shards if s not in complete]
     partly = [done_in_shards[s] for s in todo if s in done_in_shards]
     done = storage.join(listing, DONE_FILE)
-    storage.write_bytes(done, _npy_bytes(np.sort(np.concatenate(partly)) if partly else np.empty(0, dtype="S16")))
+    storage.write_bytes(done, digests_bytes(np.concatenate(partly) if partly else np.empty(0, dtype="S16")))
     _, _, units = write_listing(iter(todo), np.empty(0, dtype="S16"), listing, group_rows=1)
     skipped = sum(len(d) for d in done_in_shards.values())
     return _Plan(units=units, skipped=skipped, total=None, done=done,
@@ -330,18 +329,6 @@ def _input_kind(config: CaptionConfig) -> str:
     if kind in ("prefix", "image"):
         return shards.detect(config.input, config.extensions) or kind
     return kind
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-@functools.lru_cache(maxsize=1)
-def _load_digests(uri: str) -> np.ndarray:
-    """The run's done digests, read once per worker process."""
-    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
 def _validate_checkpoint(uri: str) -> dict:
@@ -486,7 +473,7 @@ def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, outp
     A broken sample, and a shard that is missing, truncated or unreadable, is a row with ``error``.
     A shard read whole leaves its row count in ``output`` (``capray.listing.complete_shards``).
     """
-    finished = _load_digests(done)
+    finished = load_digests(done)
     pending: list[shards.Sample] = []
     for shard in _listed(batch):
         count = 0

@@ -223,6 +223,11 @@ class PrepareConfig:
     lease_timeout_s: float = 600.0
     """Seconds without a heartbeat after which this run's hold on ``out`` counts as dead and another run
     may take it over (a run that died on this host is taken over at once)."""
+    progress_s: float = 30.0
+    """Seconds between two progress lines (images done / total, images/s, error rows, ETA); at least 1."""
+    overwrite: bool = False
+    """Encode the named splits again from the start. Without it a run made with the same settings (options,
+    encoder weights, vocabulary) is resumed: the rows it wrote stay and only the missing images are encoded."""
 
     def __post_init__(self):
         _set(self, "annotations", tuple(storage.normalize(a) for a in _words(self.annotations)))
@@ -243,6 +248,8 @@ class PrepareConfig:
             raise ConfigError(f"--splits must be among {', '.join(SPLITS)}, got {','.join(self.splits)}")
         if self.max_caption_tokens < 3:
             raise ConfigError(f"--max-caption-tokens must be at least 3, got {self.max_caption_tokens}")
+        if self.progress_s < 1:
+            raise ConfigError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.lease_timeout_s < 10:
             raise ConfigError(f"--lease-timeout-s must be at least 10 (heartbeats come every tenth of it), "
                               f"got {self.lease_timeout_s:g}")

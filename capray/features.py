@@ -10,6 +10,7 @@ tokenizes its samples itself. The driver holds per-shard counts and the vocabula
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -37,7 +39,9 @@ from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
 from capray.images import ImageDecodeError, decode_image
+from capray.listing import contains, digests_bytes, digests_of, load_digests
 from capray.precision import EncoderStage
+from capray.progress import Progress, report
 from capray.sizing import ActorPlan, local_machine, plan_actors, task_cpus
 from capray.tasks import ModelThread, map_with_retries
 from capray.vocab import Vocabulary, word_counts
@@ -60,6 +64,11 @@ BATCHES_PER_BLOCK = 2
 time, so decode tasks spread over nodes that join later."""
 MAX_BLOCKS = 10_000
 SHARD = "shard"
+RUN_FILE = "_prepare_run.json"
+"""``OUT/_prepare_run.json``: the settings the rows in OUT's split folders were made with (see ``_run_record``),
+written before the first row. A run with the same settings resumes: it keeps those rows and encodes the rest."""
+DONE_FILE = "_prepare_done.npy"
+"""``OUT/_prepare_done.npy``: the digests of the images a resumed run skips, for the tasks streaming shards."""
 STREAM = "stream"
 """Input-block column: True on a row that names a whole shard (in ``IMAGE``), which its task streams,
 splitting and tokenizing the samples itself; False on a record read from an annotation file."""
@@ -68,7 +77,9 @@ splitting and tokenizing the samples itself; False on a record read from an anno
 class Encoder:
     """Ray Data actor: loads the encoder once, turns batches of decoded images into fp16 features."""
 
-    def __init__(self, spec: dict, *, use_gpu: bool, threads: int):
+    def __init__(self, spec: dict, *, use_gpu: bool, threads: int, progress=None):
+        """``progress``: a ``capray.progress`` counter that each batch's images are added to."""
+        self.progress = progress
         self._model_thread = ModelThread()
         self._model_thread.run(self._load, spec, use_gpu=use_gpu, threads=threads)
 
@@ -77,7 +88,9 @@ class Encoder:
         self.encoder = EncoderStage(build_encoder(EncoderSpec(**spec)), device, threads=threads)  # as caption runs it
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._model_thread.run(self._encode, batch)
+        encoded = self._model_thread.run(self._encode, batch)
+        report(self.progress, encoded.num_rows)
+        return encoded
 
     def _encode(self, batch: pa.Table) -> pa.Table:
         pixels = batch[PIXELS].combine_chunks().to_numpy_ndarray()  # (B, H, W, 3) uint8, zero-copy
@@ -98,14 +111,16 @@ def read_config_records(config: dict) -> list[Record]:
                         key_column=config.get("key_column", ""), caption_column=config.get("caption_column", ""))
 
 
-def _record_failures(failures: list[dict], errors_dir: str) -> None:
-    """One small JSONL of a task's decode failures in ``errors_dir`` (merged into prepare.json at the end)."""
+def _record_failures(failures: list[dict], errors_dir: str, progress=None) -> None:
+    """One small JSONL of a task's decode failures in ``errors_dir`` (merged into prepare.json at the end),
+    counted in the run's progress (``progress``: its counter, or None)."""
+    report(progress, 0, len(failures))
     if failures:
         text = "".join(json.dumps(f) + "\n" for f in failures)
         storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
 
 
-def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.Table:
+def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str, progress=None) -> pa.Table:
     """CPU task: read each image's bytes and decode it.
 
     A permanent failure (missing object, undecodable bytes) is recorded and the image left out; a
@@ -123,7 +138,7 @@ def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str) -> pa.
             continue
         keep.append(i)
         pixels.append(array)
-    _record_failures(failures, errors_dir)
+    _record_failures(failures, errors_dir, progress)
     stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
     return batch.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
 
@@ -245,8 +260,9 @@ def count_shard_text(batch: pa.Table, *, settings: dict) -> pa.Table:
     return pa.table({SHARD: batch[SHARD], "text": pa.array(texts, pa.string())})
 
 
-def _read_shards_text(uris: list[str], *, settings: dict, machine) -> ShardText:
-    """The text pass over every shard, a task per shard (at most ``MAX_BLOCKS`` tasks), merged here."""
+def _read_shards_text(uris: list[str], *, settings: dict, machine) -> tuple[ShardText, dict[str, Counter]]:
+    """The text pass over every shard, a task per shard (at most ``MAX_BLOCKS`` tasks), merged here; and
+    each shard's samples per split (``ShardText.images``: a resumed run skips the shards it has done)."""
     import ray
 
     ds = ray.data.from_arrow([pa.table({SHARD: pa.array(part, pa.string())})
@@ -254,11 +270,13 @@ def _read_shards_text(uris: list[str], *, settings: dict, machine) -> ShardText:
     ds = map_with_retries(ds, count_shard_text, fn_kwargs={"settings": settings}, batch_size=None,
                           batch_format="pyarrow", num_cpus=task_cpus(machine, small=DECODE_CPUS, cluster=1.0),
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
-    merged = ShardText()
+    merged, images = ShardText(), {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for text in batch["text"].to_pylist():
-            merged.merge(ShardText.from_json(text))
-    return merged
+        for shard, text in zip(batch[SHARD].to_pylist(), batch["text"].to_pylist()):
+            one = ShardText.from_json(text)
+            merged.merge(one)
+            images[shard] = one.images
+    return merged, images
 
 
 def _spread(items: list, parts: int) -> list[list]:
@@ -269,11 +287,13 @@ def _spread(items: list, parts: int) -> list[list]:
 
 
 def read_and_decode_stream(shard: str, *, image_size: int, errors_dir: str, rows: int, settings: dict,
-                           splits: list[str], carve: bool, vocab: Vocabulary,
-                           max_caption_tokens: int) -> Iterator[pa.Table]:
+                           splits: list[str], carve: bool, vocab: Vocabulary, max_caption_tokens: int,
+                           done: str | None = None, progress=None) -> Iterator[pa.Table]:
     """One shard → the samples of ``splits`` decoded and tokenized, ``rows`` at a time, the shard
     streamed once. A broken sample, or a failure of the whole shard, is recorded (with its split) as
-    ``read_and_decode`` records its failures."""
+    ``read_and_decode`` records its failures. ``done``: the digests (``DONE_FILE``) of samples a resumed
+    run has already, which are skipped."""
+    finished = load_digests(done) if done else None
     columns: dict[str, list] = {IMAGE_ID: [], IMAGE: [], CAPTIONS: [], TOKENS: [], SPLIT: []}
     pixels, failures = [], []
 
@@ -288,7 +308,7 @@ def read_and_decode_stream(shard: str, *, image_size: int, errors_dir: str, rows
 
     for sample, record, from_hash in shard_samples(shard, settings=settings, images=True):
         split = carved_split(record, from_hash=from_hash, carve=carve, test_fraction=settings["test_fraction"])
-        if split not in splits:
+        if split not in splits or (finished is not None and contains(finished, digests_of([record.image]))[0]):
             continue
         try:
             if sample.error is not None:
@@ -305,17 +325,18 @@ def read_and_decode_stream(shard: str, *, image_size: int, errors_dir: str, rows
         if len(pixels) == rows:
             yield flush()
             columns, pixels = {name: [] for name in columns}, []
-    _record_failures(failures, errors_dir)
+    _record_failures(failures, errors_dir, progress)
     if pixels:
         yield flush()
 
 
 def decode_block(block: pa.Table, *, image_size: int, errors_dir: str, batch_size: int, image_column: str,
-                 key_column: str, stream: dict | None = None) -> Iterator[pa.Table]:
+                 key_column: str, stream: dict | None = None, progress=None) -> Iterator[pa.Table]:
     """CPU task: an input block (see ``_blocks``) → its images decoded, a few batches at a time.
 
     A block of whole shards (``STREAM``) streams each (``read_and_decode_stream``; ``stream`` holds
-    what its samples need to become rows: the settings, the splits wanted, the carve, the vocabulary).
+    what its samples need to become rows: the settings, the splits wanted, the carve, the vocabulary, the
+    digests of samples done before). ``progress``: the run's progress counter (error rows are added to it).
     """
     if not block.num_rows:
         return
@@ -326,23 +347,24 @@ def decode_block(block: pa.Table, *, image_size: int, errors_dir: str, batch_siz
             yield from read_and_decode_stream(
                 shard, image_size=image_size, errors_dir=errors_dir, rows=rows, settings=stream["settings"],
                 splits=stream["splits"], carve=stream["carve"], vocab=vocab,
-                max_caption_tokens=stream["max_caption_tokens"])
+                max_caption_tokens=stream["max_caption_tokens"], done=stream.get("done"), progress=progress)
         return
     block = block.drop_columns([STREAM])
     first = block[IMAGE][0].as_py()
     if shards.shard_of(first) == first:  # loose images
         for start in range(0, block.num_rows, batch_size):
-            yield read_and_decode(block.slice(start, batch_size), image_size=image_size, errors_dir=errors_dir)
+            yield read_and_decode(block.slice(start, batch_size), image_size=image_size, errors_dir=errors_dir,
+                                  progress=progress)
         return
     shard_of_row = [shards.shard_of(uri) for uri in block[IMAGE].to_pylist()]
     for shard in dict.fromkeys(shard_of_row):
         rows_of_shard = block.take([i for i, s in enumerate(shard_of_row) if s == shard])
         yield from read_and_decode_shard(rows_of_shard, image_size=image_size, errors_dir=errors_dir, rows=rows,
-                                         image_column=image_column, key_column=key_column)
+                                         image_column=image_column, key_column=key_column, progress=progress)
 
 
 def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, rows: int,
-                          image_column: str, key_column: str) -> Iterator[pa.Table]:
+                          image_column: str, key_column: str, progress=None) -> Iterator[pa.Table]:
     """The records of one shard → its samples decoded, ``rows`` at a time.
 
     The shard is streamed once; a sample that is broken or missing, and a shard-level failure (a
@@ -376,7 +398,7 @@ def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, 
             yield flush()
             keep, pixels = [], []
     failures += [{"image_id": uri, "image": uri, "error": "not in its shard any more"} for uri in wanted]
-    _record_failures(failures, errors_dir)
+    _record_failures(failures, errors_dir, progress)
     if keep:
         yield flush()
 
@@ -387,7 +409,9 @@ def prepare(config: PrepareConfig) -> dict:
     Everything that can be checked is checked before the previous dataset is touched: the
     annotations, the vocabulary, the encoder and its weights, the actors' resources. ``prepare.json``
     (the "done" marker) is removed first and written last. ``--splits`` rewrites only the named splits: the
-    others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``). The run holds
+    others, and their record in ``prepare.json``, stay as they are (see ``_kept_splits``). A run with the
+    settings of the one that wrote the named splits (``RUN_FILE``) resumes it unless ``--overwrite``: their
+    rows and listed errors stay, and only the other images are read and encoded. The run holds
     ``out``'s lease throughout: a second prepare into it while this one lives is refused
     (``lease.OutputBusy``, exit 2).
     """
@@ -408,10 +432,10 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
     spec, num_regions, num_features = encoder.spec, encoder.num_regions, encoder.num_features
     encoder_state = state_bytes({k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     del encoder
-    text = ShardText()
+    text, images_of_shard = ShardText(), {}
     if shard_uris:  # annotation files alone are checked through before Ray starts
         ensure_ray()
-        text = _read_shards_text(shard_uris, settings=shard_settings(config), machine=local_machine())
+        text, images_of_shard = _read_shards_text(shard_uris, settings=shard_settings(config), machine=local_machine())
         log.info("prepare: %d samples in %d shard(s)", sum(text.images.values()), len(shard_uris))
         if text.unknown:
             log.warning("split values %s are none of %s: those samples are split by a hash of their key",
@@ -444,26 +468,50 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
     # kept, the marker first shrinks to them (a dataset of the kept splits stays usable throughout).
     split_of = {r.image: r.split for r in every_record}
     kept_errors = [e for e in (previous or {}).get("errors", []) if _error_split(e, split_of) in kept]
-    marker = storage.join(config.out, PREPARE_FILE)
+    marker, run_file = storage.join(config.out, PREPARE_FILE), storage.join(config.out, RUN_FILE)
+    errors_dir = storage.join(config.out, ERRORS_DIR)
+    record = _run_record(config, spec=spec, carve=carve, encoder_state=encoder_state)
+    resumed = not config.overwrite and _resumable(config.out, record, vocab=vocab)
+    if resumed:  # the errors of the named splits that the marker recorded go where this run's go
+        _record_failures([e for e in (previous or {}).get("errors", []) if _error_split(e, split_of) not in kept],
+                         errors_dir)
+    else:
+        storage.delete_file(run_file)  # first: a dataset half replaced is never resumed
     if kept:
         storage.write_json(marker, _summary_of_splits(previous, kept, kept_errors))
     else:
         storage.delete_file(marker)
-    for split in config.splits:
-        storage.delete_dir(storage.join(config.out, split))
-    errors_dir = storage.join(config.out, ERRORS_DIR)
-    storage.delete_dir(errors_dir)
-    if not kept:
-        storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
-        vocab.save(storage.join(config.out, VOCAB_FILE))
+    if not resumed:
+        for split in config.splits:
+            storage.delete_dir(storage.join(config.out, split))
+        storage.delete_dir(errors_dir)
+        if not kept:
+            storage.write_bytes(storage.join(config.out, ENCODER_STATE_FILE), encoder_state)
+            vocab.save(storage.join(config.out, VOCAB_FILE))
+        storage.write_json(run_file, record)
+    done, done_per_shard = _done_images(config.out, config.splits, errors_dir) if resumed else (np.empty(0, "S16"), {})
+    todo_shards = [s for s in shard_uris if done_per_shard.get(s, 0) < sum(
+        text.per_split(images_of_shard[s], carve=carve)[split] for split in config.splits)]
+    todo_records = records
+    if len(done):
+        todo_records = [r for r, skip in zip(records, contains(done, digests_of(r.image for r in records))) if not skip]
+    total = sum(counts.values())
     log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s%s",
-             sum(counts.values()), ", ".join(f"{s} {n}" for s, n in counts.items()), spec.name,
+             total, ", ".join(f"{s} {n}" for s, n in counts.items()), spec.name,
              spec.image_size, config.out, plan.describe(),
              f"; kept as they are: {', '.join(kept)}" if kept else "")
-    encode_started = time.perf_counter()
+    if resumed:
+        log.info("prepare: resuming: %d images encoded or listed as errors already (%d of %d shard(s) done), "
+                 "%d to do", len(done), len(shard_uris) - len(todo_shards), len(shard_uris), total - len(done))
     stream = {"settings": shard_settings(config), "splits": list(config.splits), "carve": carve,
-              "vocab": vocab.words, "max_caption_tokens": config.max_caption_tokens}
-    _encode(records, shard_uris, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir, stream=stream)
+              "vocab": vocab.words, "max_caption_tokens": config.max_caption_tokens, "done": None}
+    if len(done) and todo_shards:
+        stream["done"] = storage.join(config.out, DONE_FILE)
+        storage.write_bytes(stream["done"], digests_bytes(done))
+    encode_started = time.perf_counter()
+    with Progress("prepare", total=total, every_s=config.progress_s, done_before=len(done)) as progress:
+        _encode(todo_records, todo_shards, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir,
+                stream=stream, progress=progress.counter)
     encode_seconds = time.perf_counter() - encode_started
     splits = {}
     for split in config.splits:
@@ -474,10 +522,11 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
     log.info("prepare: %s in %.1f s", ", ".join(f"{s} {v['images']}" for s, v in splits.items()), encode_seconds)
     errors = [{**e, "split": e.get("split") or split_of.get(e["image"])} for e in _collect_errors(errors_dir)]
     total_written = sum(s["images"] for s in splits.values())
-    total = sum(counts.values())
     if total_written + len(errors) != total:  # every image is a row or a listed error, nothing else
         raise RuntimeError(f"prepare: {total} images in, {total_written} written + {len(errors)} "
                            "failed out; prepare.json not written")
+    if stream["done"]:
+        storage.delete_file(stream["done"])
     every_split = {**kept, **splits}
     splits = {s: every_split[s] for s in SPLITS if s in every_split}
     errors = sorted([*kept_errors, *errors], key=lambda f: f["image"])
@@ -495,7 +544,8 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
         "errors": errors,
         "seconds": round(time.perf_counter() - started, 2),
         "encode_seconds": round(encode_seconds, 2),
-        "images_per_s": round(total_written / max(encode_seconds, 1e-9), 2),
+        "images_per_s": round((total - len(done)) / max(encode_seconds, 1e-9), 2),
+        "resumed": len(done),
         "actors": {"min": plan.min_actors, "max": plan.max_actors},
         "batch_size": config.batch_size,
         "out": config.out,
@@ -555,6 +605,62 @@ def _summary_of_splits(previous: dict, kept: dict, errors: list[dict]) -> dict:
             "config": {**previous.get("config", {}), "splits": list(kept)}}
 
 
+RUN_SETTINGS = ("annotations", "images", "test_fraction", "val_fraction", "image_column", "key_column",
+                "caption_column", *ENCODING_SETTINGS)
+"""prepare options that decide which images become rows and what the rows hold (``_run_record``)."""
+
+
+def _run_record(config: PrepareConfig, *, spec: EncoderSpec, carve: bool, encoder_state: bytes) -> dict:
+    """What the rows of a run are made with (``RUN_FILE``): the settings, the encoder's spec and weights (a
+    digest), and whether val gave test its images. With the vocabulary, all a resumed run must share."""
+    record = {name: getattr(config, name) for name in RUN_SETTINGS}
+    record.update(encoder=spec.to_dict(), encoder_sha256=hashlib.sha256(encoder_state).hexdigest(), carve=carve)
+    return json.loads(json.dumps(record))  # as it reads back
+
+
+def _resumable(out: str, record: dict, *, vocab: Vocabulary) -> bool:
+    """Whether the rows in ``out``'s split folders were made as this run would make them: the same
+    ``RUN_FILE`` and vocabulary. A dataset from before ``RUN_FILE`` existed is made again."""
+    run_file, vocab_file = storage.join(out, RUN_FILE), storage.join(out, VOCAB_FILE)
+    return (storage.exists(run_file) and storage.read_json(run_file) == record and storage.exists(vocab_file)
+            and Vocabulary.load(vocab_file) == vocab)
+
+
+def _done_images(out: str, splits: tuple[str, ...], errors_dir: str) -> tuple[np.ndarray, Counter]:
+    """What a resumed run has already: the sorted digests of the images that are rows in the ``splits``
+    folders or listed in ``errors_dir``, and how many of them each shard holds.
+
+    Only the image column of each feature file is read. A file that is not Parquet (a local write cut
+    short by a kill: Ray's writer writes in place) is deleted, and its images are encoded again."""
+    import pyarrow.parquet as pq
+
+    def images_of(uri: str) -> list[str]:
+        fs, path = storage.resolve(uri)
+        try:
+            return pq.read_table(path, filesystem=fs, columns=[IMAGE]).column(IMAGE).to_pylist()
+        except pa.ArrowInvalid as exc:
+            log.warning("prepare: %s is not a whole Parquet file (%s): deleted, its images are encoded again",
+                        uri, str(exc).splitlines()[0][:120])
+            storage.delete_file(uri)
+            return []
+
+    digests, per_shard = [], Counter()
+    files = [uri for split in splits for uri in storage.list_files(storage.join(out, split), extensions=("parquet",))]
+    failed = [json.loads(line)["image"] for uri in storage.list_files(errors_dir, extensions=("jsonl",))
+              for line in storage.read_text(uri).splitlines() if line.strip()]
+    def add(images: list[str]) -> None:
+        digests.append(digests_of(images))
+        per_shard.update(shard for image in images if (shard := shards.shard_of(image)) != image)  # shard samples
+
+    with ThreadPoolExecutor(8) as pool:
+        for start in range(0, len(files), 64):  # a few files' image names in memory at a time
+            for images in pool.map(images_of, files[start:start + 64]):
+                add(images)
+    add(list(dict.fromkeys(failed)))
+    done = np.concatenate(digests) if digests else np.empty(0, "S16")
+    return np.sort(done), per_shard
+
+
 def _sources(config: PrepareConfig) -> tuple[list[tuple[str, str | None]], list[str]]:
     """The annotation files (with their images roots) and the shard URIs (listed, each once) of a config."""
     files, shard_uris, source_of = [], [], {}
@@ -576,7 +682,7 @@ def _sources(config: PrepareConfig) -> tuple[list[tuple[str, str | None]], list[
 
 
 def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, spec: EncoderSpec,
-            config: PrepareConfig, plan: ActorPlan, errors_dir: str, stream: dict) -> None:
+            config: PrepareConfig, plan: ActorPlan, errors_dir: str, stream: dict, progress=None) -> None:
     """Every split in one pipeline, so the encoder actors start once: rows carry their split, and the
     Parquet writer files each row under ``OUT/<split>/`` (the split is the folder, not a column).
 
@@ -608,13 +714,14 @@ def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, 
     ds = ray.data.from_arrow(blocks)
     ds = map_with_retries(ds, decode_block, fn_kwargs={
                               "image_size": spec.image_size, "errors_dir": errors_dir, "batch_size": config.batch_size,
-                              "image_column": config.image_column, "key_column": config.key_column, "stream": stream},
+                              "image_column": config.image_column, "key_column": config.key_column, "stream": stream,
+                              "progress": progress},
                           batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,
-                                                       "threads": plan.threads},
+                                                       "threads": plan.threads, "progress": progress},
                         compute=plan.strategy(), batch_size=config.batch_size, batch_format="pyarrow",
                         **plan.remote_args())
     with warnings.catch_warnings():

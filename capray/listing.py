@@ -7,7 +7,9 @@ Those are read as 16-byte digests of the ``path`` column, so millions of done pa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -65,6 +67,19 @@ def input_paths(uri: str, kind: str, extensions: tuple[str, ...]) -> Iterator[st
 def digests_of(paths: Iterable[str]) -> np.ndarray:
     """16-byte digests of paths: millions of them fit in tens of MB (collisions: ~n²/2¹²⁹)."""
     return np.array([hashlib.blake2b(p.encode(), digest_size=16).digest() for p in paths], dtype="S16")
+
+
+def digests_bytes(digests: np.ndarray) -> bytes:
+    """Sorted digests as a ``.npy`` file's bytes, for the tasks that skip done samples (``load_digests``)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.sort(digests), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def load_digests(uri: str) -> np.ndarray:
+    """A run's sorted done digests (``digests_bytes``), read once per worker process."""
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
 def finished_paths(output: str, settings: dict, *, retry_errors: bool = False,

@@ -126,7 +126,11 @@ def test_prepare_splits_rewrites_only_the_named_splits_and_keeps_the_others_reco
     old_test = set(_files(out / "test"))
     vocab = (out / "vocab.json").read_bytes()
 
-    summary = prepare(replace(config, splits=("test",)))
+    # The same settings again: the split is resumed, and as it is whole, nothing is encoded.
+    resumed = prepare(replace(config, splits=("test",)))
+    assert set(_files(out / "test")) == old_test and resumed["resumed"] == before["splits"]["test"]["images"]
+
+    summary = prepare(replace(config, splits=("test",), overwrite=True))
 
     after = json.loads((out / PREPARE_FILE).read_text())
     assert {split: _files(out / split) for split in ("train", "val")} == kept  # not a byte touched
@@ -239,3 +243,77 @@ def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_rec
         features = np.stack([np.asarray(row["features"], np.float16) for row in got]).reshape(reference.shape)
         np.testing.assert_allclose(features.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert summary["objects"]
+
+
+# --- a killed prepare, resumed ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_killed_prepare_resumes_and_no_image_is_encoded_twice_or_missing(ray_local, s3_bucket, faulty_s3, job_env,
+                                                                          tmp_path, caplog):
+    """prepare (loose images and WebDataset shards on a slow store, small feature files) is SIGKILLed once
+    some files are out; the same command again encodes only the rest: every image is one row or one
+    listed error, and a file the kill cut short is deleted and its images encoded again. The resumed
+    run's progress lines count the whole job, at most one a second."""
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.dataset as pads
+
+    from capray.annotations import read_sources
+    from capray.features import RUN_FILE
+    from capray.synth import SynthConfig, generate
+    from killers import kill_processes_mentioning
+    from test_shards import make_tar, put
+
+    manifest = generate(f"{s3_bucket}/loose", SynthConfig(num_images=24, seed=5, image_size=48))
+    tars = generate(f"{s3_bucket}/tars", SynthConfig(num_images=24, seed=6, image_size=48), format="webdataset",
+                    samples_per_shard=4)
+    put(f"{tars}/00009.tar", make_tar([("b0", {"jpg": b"not a jpeg", "txt": b"a red circle"})]))
+    out = tmp_path / "features"
+    settings = dict(annotations=(manifest, tars), out=str(out), encoder=EncoderSpec("resnet18", "none", 48), actors=1,
+                    batch_size=2, rows_per_file=2, vocab_size=40, test_fraction=0.2)
+    script = ("import sys; from capray.encoders import EncoderSpec; from capray.features import PrepareConfig, prepare; "
+              f"prepare(PrepareConfig(**{{**{settings!r}, 'encoder': EncoderSpec('resnet18', 'none', 48)}}))")
+    faulty_s3.configure(FaultPlan(get_delay_s=0.5))  # a slow store: the kill lands while images are still read
+    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url}
+    job = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and job.poll() is None and len(list(out.glob("*/part-*.parquet"))) < 3:
+            time.sleep(0.2)
+        assert job.poll() is None, f"the job ended before it was killed: {job.stderr.read().decode()[-2000:]}"
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+        kill_processes_mentioning(env["RAY_TMPDIR"])
+    faulty_s3.heal()
+    assert (out / RUN_FILE).exists() and not (out / PREPARE_FILE).exists()
+    before = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).count_rows()
+    cut_short = out / "train" / "part-0123456789abcdef-000099-0.parquet"  # what a kill mid-write leaves locally
+    cut_short.write_bytes(b"PAR1 half a file")
+
+    caplog.set_level(logging.INFO, logger="capray.progress")
+    started = time.monotonic()
+    summary = prepare(PrepareConfig(**settings, progress_s=1.0))
+    elapsed = time.monotonic() - started
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "capray.progress"]
+    assert lines and len(lines) <= elapsed + 2, (elapsed, lines)
+    assert all(re.fullmatch(r"prepare: \d+/49 images \([\d.]+%\), (?:[\d,.]+|-) images/s, \d error rows, ETA .+", line)
+               for line in lines), lines
+    assert lines[-1].startswith("prepare: 49/49 images (100.0%)") and lines[-1].endswith("ETA 0 s"), lines
+    records = read_sources([(manifest, None), (tars, None)], test_fraction=0.2)
+    broken = f"{tars}/00009.tar#b0"
+    images = [row for split in ("train", "val", "test")
+              for row in pads.dataset(str(out / split), format="parquet").to_table(columns=[IMAGE]).column(IMAGE).to_pylist()]
+    assert len(images) == len(set(images))  # none encoded twice
+    assert sorted(images) == sorted(r.image for r in records if r.image != broken)  # none missing
+    assert [e["image"] for e in summary["errors"]] == [broken]
+    assert summary["resumed"] >= before > 0 and not cut_short.exists()
+    assert summary["num_images"] + summary["num_errors"] == len(records)
