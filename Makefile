@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for make test / test-fast: most of the suite waits on Ray, clusters and
+# subprocesses, so two workers overlap those waits on a 2-core machine (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast test-extended test-all bench million bundle gpu-check clean
 
@@ -24,11 +27,11 @@ demo: $(STAMP)
 # "extended") run in make test-all, and in CI when tools/ or tests/fakecluster.py changed (.ci/run).
 test: $(STAMP)
 	@command -v chromium >/dev/null || echo "make test: no chromium on PATH, so the gallery's browser test is skipped (apt-get install chromium; .ci/run does)"
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -m "not extended" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 -m "not extended" tests
 
 # The inner loop: no Ray, no fake cluster, no subprocess pipeline (about 2-3 minutes).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not slow and not extended" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not ray and not slow and not extended" tests
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 -m extended tests
@@ -46,7 +49,7 @@ bench: $(STAMP)
 
 # A million images through caption, killed half way and resumed (most of an hour or more; not in make bench).
 million: $(STAMP)
-	$(PY) bench/million.py --loose --json bench-output/million.json
+	$(PY) bench/million.py --loose --prepare-samples 100000 --json bench-output/million.json
 
 # What an air-gapped GPU node (Python 3.12, its own torch stack, no Ray, no index) needs to run capray:
 # dist/capray-bundle-py312-manylinux2014_x86_64/, carried with the call; install.sh there installs it.

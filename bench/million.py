@@ -16,7 +16,10 @@ What it does, on this machine:
    driver's memory at a tenth of the size;
 4. checks the output: rows, unique paths, error rows (exactly the broken samples), and how many images
    were captioned twice because of the kill (captioned by the killed run, per its last progress line,
-   but not in its shards: a lower bound, as the last line is up to ``--progress-s`` old).
+   but not in its shards: a lower bound, as the last line is up to ``--progress-s`` old);
+5. with ``--prepare-samples M``, runs ``capray prepare`` (``jobs/prepare.py``, the same cheap encoder) over M
+   and M/10 shapes-world samples in WebDataset shards on the same S3 server: rows, errors, images/s and
+   the driver's peak RSS at both sizes (``--num-images 0`` measures prepare alone).
 
 The captioner is cheap on purpose (mobilenet_v3_small at 64 px, random weights, a small decoder, beam 3,
 at most 8 words: bench/shard_input.py's) so that the pipeline, not the model, sets the pace. The
@@ -48,7 +51,8 @@ from capray import shards, storage  # noqa: E402
 from capray.synth import SynthConfig, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRESS = re.compile(r"caption: ([\d,]+)(?:/([\d,]+))? images.*?, ((?:[\d,.]+)|-) images/s, ([\d,]+) error rows")
+PROGRESS = re.compile(r"(?:caption|prepare): ([\d,]+)(?:/([\d,]+))? images.*?, ((?:[\d,.]+)|-) images/s, "
+                      r"([\d,]+) error rows")
 
 
 def main() -> None:
@@ -64,6 +68,8 @@ def main() -> None:
     p.add_argument("--rows-per-shard", type=int, default=0, help="caption's --rows-per-shard (0: its default)")
     p.add_argument("--loop-shards", type=int, default=10, help="shards the plain loop reads")
     p.add_argument("--workdir", default="bench-output/million")
+    p.add_argument("--prepare-samples", type=int, default=0,
+                   help="also measure prepare's driver memory over this many shard samples and a tenth of them")
     p.add_argument("--json", default="", help="write the results here too")
     args = p.parse_args()
     workdir = Path(args.workdir).resolve()
@@ -74,19 +80,25 @@ def main() -> None:
                      "rows_per_shard": args.rows_per_shard or "default",
                      "samples_per_shard": args.samples_per_shard, "inputs": {}}
     try:
-        started = time.perf_counter()
-        inputs = make_inputs("s3://bench", workdir, args)
-        results["generate_s"] = round(time.perf_counter() - started, 1)
-        checkpoint = str(workdir / "checkpoint")
-        build_checkpoint(checkpoint)
-        results["plain_loop_images_per_s"] = plain_loop(inputs["webdataset"], checkpoint, args)
-        for name, uri in inputs.items():
-            results["inputs"][name] = run_input(name, uri, checkpoint, workdir, args)
-            results["inputs"][name]["vs_plain_loop"] = round(
-                results["inputs"][name]["steady_images_per_s"] / results["plain_loop_images_per_s"], 2)
+        if args.num_images:
+            started = time.perf_counter()
+            inputs = make_inputs("s3://bench", workdir, args)
+            results["generate_s"] = round(time.perf_counter() - started, 1)
+            checkpoint = str(workdir / "checkpoint")
+            build_checkpoint(checkpoint)
+            results["plain_loop_images_per_s"] = plain_loop(inputs["webdataset"], checkpoint, args)
+            for name, uri in inputs.items():
+                results["inputs"][name] = run_input(name, uri, checkpoint, workdir, args)
+                results["inputs"][name]["vs_plain_loop"] = round(
+                    results["inputs"][name]["steady_images_per_s"] / results["plain_loop_images_per_s"], 2)
+        if args.prepare_samples:
+            results["prepare"] = prepare_memory("s3://bench", workdir, args)
     finally:
         server.stop()
-    print_table(results)
+    if args.num_images:
+        print_table(results)
+    if args.prepare_samples:
+        print_prepare(results["prepare"])
     if args.json:
         storage.write_json(args.json, results)
 
@@ -187,6 +199,35 @@ def run_input(name: str, uri: str, checkpoint: str, workdir: Path, args) -> dict
     }
 
 
+def prepare_memory(bucket: str, workdir: Path, args) -> dict:
+    """``capray prepare`` over a tenth of ``--prepare-samples`` and over all of them: the driver's peak RSS."""
+    runs = {}
+    for n in (args.prepare_samples // 10, args.prepare_samples):
+        world = SynthConfig(num_images=n, seed=1, image_size=args.image_size)
+        tars = generate(f"{bucket}/prepare-{n}", world, format="webdataset", samples_per_shard=args.samples_per_shard)
+        out = tempfile.mkdtemp(prefix=f"prepare-{n}-", dir=workdir)
+        command = [sys.executable, str(ROOT / "jobs" / "prepare.py"), "--annotations", tars, "--out", out,
+                   "--encoder.name", "mobilenet_v3_small", "--encoder.weights", "none", "--encoder.image-size", "64",
+                   "--batch-size", str(args.batch_size), "--progress-s", str(args.progress_s)]
+        run = run_job(command, what=f"prepare of {tars}")
+        prepared = json.loads(Path(out, "prepare.json").read_text())
+        runs[n] = {"samples": n, "rows": prepared["num_images"], "errors": prepared["num_errors"],
+                   "images_per_s": prepared["images_per_s"], "wall_s": run["wall_s"],
+                   "driver_peak_rss_mb": run["driver_peak_rss_mb"]}
+    small, large = runs[args.prepare_samples // 10], runs[args.prepare_samples]
+    return {"runs": list(runs.values()),
+            "rss_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 2)}
+
+
+def print_prepare(results: dict) -> None:
+    print("\ncapray prepare from WebDataset shards (mobilenet_v3_small at 64 px, random weights)")
+    print(f"{'samples':>10}{'rows':>10}{'errors':>8}{'images/s':>10}{'wall s':>9}{'driver RSS MB':>15}")
+    for r in results["runs"]:
+        print(f"{r['samples']:>10,}{r['rows']:>10,}{r['errors']:>8}{r['images_per_s']:>10.1f}{r['wall_s']:>9.1f}"
+              f"{r['driver_peak_rss_mb']:>15.1f}")
+    print(f"driver peak RSS ratio (all / a tenth): {results['rss_ratio']}")
+
+
 def tenth(uri: str, name: str, workdir: Path, args) -> str:
     """The same kind of input with a tenth of the images: the first shards, or their loose files."""
     if name == "webdataset":
@@ -202,15 +243,21 @@ def tenth(uri: str, name: str, workdir: Path, args) -> str:
 
 
 def run_caption(uri: str, out: str, checkpoint: str, args, *, kill_at: int | None = None) -> dict:
-    """``jobs/caption.py`` in its own session; its progress lines read as they come, the driver's RSS sampled."""
-    ray_dir = tempfile.mkdtemp(prefix="capray-million-", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "CAPRAY_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    """``jobs/caption.py`` over ``uri`` (``run_job``)."""
     command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", uri, "--out", out,
                "--checkpoint", checkpoint, "--batch-size", str(args.batch_size), "--beam-size", "3",
                "--max-length", "8", "--progress-s", str(args.progress_s), "--extensions", "jpg",
                *(["--rows-per-shard", str(args.rows_per_shard)] if args.rows_per_shard else [])]
+    return run_job(command, what=f"caption of {uri}", kill_at=kill_at)
+
+
+def run_job(command: list[str], *, what: str, kill_at: int | None = None) -> dict:
+    """A job in its own session with its own local Ray; its progress lines read as they come, the driver's
+    RSS sampled every second; SIGKILLed (with its Ray) once a line passes ``kill_at`` images."""
+    ray_dir = tempfile.mkdtemp(prefix="capray-million-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "CAPRAY_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
@@ -242,7 +289,7 @@ def run_caption(uri: str, out: str, checkpoint: str, args, *, kill_at: int | Non
     sampler.join()
     subprocess.run(["pkill", "-9", "-f", ray_dir], check=False)  # Ray's processes of a killed driver
     if kill_at is None and job.returncode != 0:
-        raise SystemExit(f"caption of {uri} failed (exit {job.returncode}):\n{''.join(tail)}")
+        raise SystemExit(f"{what} failed (exit {job.returncode}):\n{''.join(tail)}")
     rates = [r for t, _, r in lines[1:-1] if r]  # the first and the last interval are partial
     return {"wall_s": round(time.perf_counter() - started, 1), "driver_peak_rss_mb": round(peak[0], 1),
             "done_at_last_line": lines[-1][1] if lines else 0,
