@@ -56,15 +56,19 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server, tmp_path_factory):
+def ray_local(s3_server):
     """One local Ray for the whole session (2 CPUs), started after the S3 variables are set."""
     import ray
 
-    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    # A short folder of its own: Ray's socket paths must stay under 108 bytes, which pytest-xdist's
+    # basetemp (.../popen-gw0/...) does not leave room for.
+    ray_dir = tempfile.mkdtemp(prefix="capray-ray-", dir="/tmp")
+    os.environ.setdefault("RAY_TMPDIR", ray_dir)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -93,13 +97,21 @@ def shared_cluster(tmp_path_factory, s3_server):
         print(f"\nshared fake cluster timeline:\n{cluster.timeline_text()}")
 
 
-RAY_FIXTURES = frozenset({"ray_local", "job_env", "fake_cluster", "fake_cluster_factory", "shared_cluster"})
+CLUSTER_FIXTURES = frozenset({"fake_cluster", "fake_cluster_factory", "shared_cluster"})
+RAY_FIXTURES = frozenset({"ray_local", "job_env", *CLUSTER_FIXTURES})
 """A test that uses one of these (directly or through another fixture) starts or joins a Ray."""
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark every test that needs a Ray as ``ray``, from the fixtures it uses, so ``make test-fast``
-    (``-m "not ray and not slow and not extended"``) leaves them out without each test saying so."""
+    (``-m "not ray and not slow and not extended"``) leaves them out without each test saying so.
+
+    Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``) every test on a fake cluster goes
+    to one worker (group ``cluster``), so that the session starts one shared cluster, not one a worker;
+    a module whose fixtures are costly says ``pytestmark = pytest.mark.xdist_group(...)`` itself."""
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & names:
             item.add_marker(pytest.mark.ray)
+        if CLUSTER_FIXTURES & names:
+            item.add_marker(pytest.mark.xdist_group("cluster"))

@@ -32,7 +32,8 @@ from capray.training_data import read_features
 from killers import KillInBackground
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as RAY_TRAIN_SNAPSHOT
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the module: its fixtures prepare and train once (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("training_pipeline")]
 SMALL_DECODER = dict(embed_dim=32, hidden_dim=128, projection_dim=64, attention_dim=32, learning_rate=3e-3,
                      attention_weight=0.01, batch_size=16, val_images=40, keep_checkpoints=2)
 FAULTED_EPOCHS = 8
