@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers for make test / test-fast: most of the suite waits on Ray, clusters and
-# subprocesses, so two workers overlap those waits on a 2-core machine (TEST_WORKERS=0: one process).
-TEST_WORKERS ?= 2
+# pytest-xdist workers for make test / test-fast (0: one process). On a 2-core machine the suite is
+# CPU-bound: two workers took 1,103 s against ~1,180 s for one (docs/testing.md), not worth the noise.
+TEST_WORKERS ?= 0
 
 .PHONY: install demo test test-fast test-extended test-all bench million bundle gpu-check clean
 
