@@ -1,6 +1,6 @@
 """A million images through ``capray caption``, killed half way and resumed (a benchmark, not a test).
 
-    .venv/bin/python bench/million.py [--num-images 1000000] [--loose] [--json bench-output/million.json]
+    .venv/bin/python bench/million.py [--num-images 1000000] [--loose] [--only loose] [--json bench-output/million.json]
 
 What it does, on this machine:
 
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--broken", type=int, default=100, help="samples whose bytes are not an image")
     p.add_argument("--loose", action="store_true", help="also caption the same images as loose local files")
+    p.add_argument("--only", choices=("webdataset", "loose"), default="",
+                   help="caption this input alone (the shards are drawn either way: loose files are copied from them)")
     p.add_argument("--kill-at", type=float, default=0.5, help="kill the first run past this share of the images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--progress-s", type=float, default=10.0)
@@ -72,6 +74,8 @@ def main() -> None:
                    help="also measure prepare's driver memory over this many shard samples and a tenth of them")
     p.add_argument("--json", default="", help="write the results here too")
     args = p.parse_args()
+    if args.only == "loose":
+        args.loose = True
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -88,6 +92,8 @@ def main() -> None:
             build_checkpoint(checkpoint)
             results["plain_loop_images_per_s"] = plain_loop(inputs["webdataset"], checkpoint, args)
             for name, uri in inputs.items():
+                if args.only and name != args.only:
+                    continue
                 results["inputs"][name] = run_input(name, uri, checkpoint, workdir, args)
                 results["inputs"][name]["vs_plain_loop"] = round(
                     results["inputs"][name]["steady_images_per_s"] / results["plain_loop_images_per_s"], 2)
