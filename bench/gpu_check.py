@@ -233,7 +233,7 @@ def decode_rates(device: torch.device, results: dict) -> dict:
 
 def shapes_on_ray(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     from capray.captioning import CaptionConfig, Captioner, caption
-    from capray.config import PrepareConfig, SynthConfig, TrainConfig
+    from capray.config import ActorPool, PrepareConfig, SynthConfig, TrainConfig
     from capray.evaluation import EvaluateConfig, evaluate
     from capray.features import prepare
     from capray.connect import ensure_ray
@@ -252,7 +252,8 @@ def shapes_on_ray(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     features = os.path.join(workdir, "shapes-features")
     t0 = time.perf_counter()
     encoder = EncoderSpec("efficientnet_lite0", weights, 128, layer="blocks.7+blocks.10")  # the demo's
-    prepared = prepare(PrepareConfig(annotations=(manifest,), out=features, gpus_per_actor=gpus, batch_size=128,
+    prepared = prepare(PrepareConfig(annotations=(manifest,), out=features, pool=ActorPool(gpus_per_actor=gpus),
+                                     batch_size=128,
                                      encoder=encoder))
     prepare_s = time.perf_counter() - t0
     runs = os.path.join(workdir, "runs")
@@ -266,7 +267,7 @@ def shapes_on_ray(cuda: bool, sizes: Sizes, workdir: str) -> dict:
     out_dir = os.path.join(workdir, "captions")
     batch = 128 if cuda else 16  # shards of two batches: enough of them to time the steady state
     summary = caption(CaptionConfig(input=os.path.join(root, "images"), out=out_dir, checkpoint=checkpoint,
-                                    gpus_per_actor=gpus, batch_size=batch, rows_per_shard=2 * batch))
+                                    pool=ActorPool(gpus_per_actor=gpus), batch_size=batch, rows_per_shard=2 * batch))
     steady = steady_rate(out_dir)
 
     # The captioner alone on decoded batches, as an actor holds it.

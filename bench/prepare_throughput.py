@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from capray import storage
+from capray.config import ActorPool
 from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.features import PrepareConfig, prepare
@@ -40,7 +41,7 @@ def forward_only(spec: EncoderSpec, images: np.ndarray, *, batch_size: int, thre
 
 
 def prepare_seconds(manifest: str, out: str, spec: EncoderSpec, *, batch_size: int, actors: int) -> tuple[float, int]:
-    summary = prepare(PrepareConfig(annotations=manifest, out=out, encoder=spec, actors=actors,
+    summary = prepare(PrepareConfig(annotations=manifest, out=out, encoder=spec, pool=ActorPool(actors=actors),
                                     batch_size=batch_size, splits=("train",)))
     return summary["encode_seconds"], summary["splits"]["train"]["images"]
 
@@ -64,8 +65,7 @@ def main() -> None:
             manifests[n] = generate(os.path.join(tmp, f"shapes-{n}"), SynthConfig(
                 num_images=n, image_size=args.image_size, train_fraction=1.0, val_fraction=0.0, test_fraction=0.0))
         ensure_ray()
-        plan = plan_actors(actors=args.actors, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
-                           machine=local_machine(), reserve_cpus=0.25)
+        plan = plan_actors(ActorPool(actors=args.actors), machine=local_machine(), reserve_cpus=0.25)
         # A first run of N pays what only the first pipeline in a Ray session pays (worker processes,
         # imports): it is discarded, so the N and 2N runs differ only in their number of images.
         prepare_seconds(manifests[args.num_images], os.path.join(tmp, "features-warm-up"), spec,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from capray import storage
-from capray.config import PrepareConfig, SynthConfig, TrainConfig
+from capray.config import ActorPool, PrepareConfig, SynthConfig, TrainConfig
 from capray.connect import ensure_ray
 from capray.demo import demo_encoder, demo_preset
 from capray.features import prepare
@@ -151,7 +151,7 @@ def main() -> None:
         if not args.features:
             manifest = generate(os.path.join(tmp, "shapes"), SynthConfig(num_images=args.num_images, image_size=128))
             ensure_ray(dashboard=True)
-            prepare(PrepareConfig(annotations=manifest, out=features, actors=2, batch_size=64,
+            prepare(PrepareConfig(annotations=manifest, out=features, pool=ActorPool(actors=2), batch_size=64,
                                   encoder=demo_encoder(demo_preset())))
         plain = plain_loop(features, epochs=args.epochs)
         padded = plain_loop(features, epochs=args.epochs, packed=False)

@@ -117,7 +117,7 @@ def caption(config: CaptionConfig) -> CaptionSummary:
         "max_length": config.max_length,
         "encoder": model["encoder"],
         "columns": list(columns),
-        "key_column": config.key_column,  # it names the samples: another one would caption them again
+        "key_column": config.shard_columns.key_column,  # it names the samples: another one would caption them again
     }
     input_shards = _input_shards(config, source) if sharded else []
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -290,7 +290,8 @@ def _input_shards(config: CaptionConfig, source: str) -> list[str]:
     if not found:
         raise ConfigError(f"--input {config.input}: no {source} shards")
     if source == shards.PARQUET:  # the first file's schema: a mistyped column fails here, not per file
-        shards.check_columns(found[0], image_column=config.image_column, key_column=config.key_column)
+        shards.check_columns(found[0], image_column=config.shard_columns.image_column,
+                             key_column=config.shard_columns.key_column)
     return found
 
 
@@ -380,8 +381,8 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
         decode, kwargs = read_shard, {
             "image_size": image_size, "done": done, "output": output,
             "rows": _decode_rows(config.batch_size, config.rows_per_shard),
-            "image_extensions": config.extensions, "image_column": config.image_column,
-            "key_column": config.key_column, "columns": columns}
+            "image_extensions": config.extensions, "image_column": config.shard_columns.image_column,
+            "key_column": config.shard_columns.key_column, "columns": columns}
     ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     what = f"caption (retry pass {retry_pass})" if retry_pass else "caption"
@@ -407,8 +408,7 @@ def plan_resources(config: CaptionConfig, *, machine: Machine | None) -> tuple[A
     """
     decode_cpus = task_cpus(machine, small=0.4, cluster=1.0)
     write_cpus = task_cpus(machine, small=0.1, cluster=0.25)
-    plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
-                       cpus_per_actor=config.cpus_per_actor, machine=machine, reserve_cpus=decode_cpus + write_cpus)
+    plan = plan_actors(config.pool, machine=machine, reserve_cpus=decode_cpus + write_cpus)
     return plan, decode_cpus, write_cpus
 
 

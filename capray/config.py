@@ -2,16 +2,17 @@
 
 Each ``capray`` subcommand is one frozen dataclass below (``COMMANDS``). A field is an option: its
 name gives the flag (``batch_size`` → ``--batch-size``; a nested dataclass's fields get its name as
-prefix, ``--encoder.name``), its type the parsing, its default the default and the string under it
-the help text. ``capray.cli`` derives the parsers from them, so an option without a flag cannot exist.
-``__post_init__`` checks values and resolves paths where the user typed them (Ray's workers run in
-another working directory). This module is light (no torch, no Ray): ``--help`` stays instant.
+prefix, ``--encoder.name``, unless the field is ``FLAT``: ``--actors``), its type the parsing, its
+default the default and the string under it the help text. ``capray.cli`` derives the parsers from
+them, so an option without a flag cannot exist. ``__post_init__`` checks values and resolves paths
+where the user typed them (Ray's workers run in another working directory). This module is light (no
+torch, no Ray): ``--help`` stays instant.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
@@ -53,6 +54,19 @@ def _at_least_one(config, *names: str) -> None:
 
 def _set(config, name: str, value) -> None:
     object.__setattr__(config, name, value)
+
+
+def option_values(config) -> dict:
+    """A job config as ``{option: value}``, keyed as a ``--config`` file is: the options of a ``FLAT``
+    field at the top level, another nested dataclass as a mapping of its own (``encoder``)."""
+    values = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("flat"):
+            values.update(option_values(value))
+        else:
+            values[f.name] = asdict(value) if is_dataclass(value) else value
+    return values
 
 
 # --- synth ---------------------------------------------------------------------------------------
@@ -125,6 +139,42 @@ class SynthJob:
         _at_least_one(self, "samples_per_shard")
 
 
+# --- parts of several jobs -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ActorPool:
+    """The actors a job runs its model in (prepare's encoders, caption's captioners, evaluate's beam
+    searchers), as :func:`capray.sizing.plan_actors` sizes them for a local machine or a cluster."""
+
+    actors: int = 0
+    """A fixed number of model actors; 0 lets the pool scale (on a cluster: from 1 up to ``max_actors``
+    as work queues up and nodes join; locally: one per GPU, else one)."""
+    max_actors: int = 0
+    """Most model actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per model actor; 0 runs the model on CPU."""
+    cpus_per_actor: float = 0.0
+    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+
+    def __post_init__(self):
+        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor")
+        if self.actors and self.max_actors and self.max_actors < self.actors:
+            raise ConfigError(f"--max-actors {self.max_actors} is below --actors {self.actors}")
+
+
+@dataclass(frozen=True)
+class ShardColumns:
+    """The columns of Parquet shards that hold a sample's image and its name (prepare and caption read
+    shards alike)."""
+
+    image_column: str = ""
+    """Parquet shards: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
+    image_bytes it has; a ``{bytes, path}`` struct works too)."""
+    key_column: str = ""
+    """Parquet shards: the column that names a sample, ``FILE#KEY`` (default: key, id or image_id, else the
+    row number). WebDataset samples are named ``SHARD.tar#KEY`` by their key."""
+
+
 # --- prepare -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -182,11 +232,8 @@ class PrepareConfig:
     Shard samples with no split of their own: the share of all of them that goes to test, by a hash of the key."""
     val_fraction: float = 0.05
     """Shard samples with no split of their own: the share that goes to val, by a hash of the key."""
-    image_column: str = ""
-    """Parquet shards: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
-    image_bytes)."""
-    key_column: str = ""
-    """Parquet shards: the column naming a sample (default: key, id or image_id, else the row number)."""
+    shard_columns: ShardColumns = field(default_factory=ShardColumns, metadata=FLAT)
+    """Parquet shards: the image and key columns (``--image-column``, ``--key-column``)."""
     caption_column: str = ""
     """Shards: the field or column holding the caption(s) (default: the first of captions, caption, txt, text)."""
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
@@ -197,15 +244,8 @@ class PrepareConfig:
     """Words seen fewer times in the train split become ``<unk>``."""
     max_caption_tokens: int = 40
     """Captions are truncated to this many tokens, ``<start>`` and ``<end>`` included."""
-    actors: int = 0
-    """A fixed number of encoder actors; 0 lets the pool scale (on a cluster: from 1 up to
-    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
-    max_actors: int = 0
-    """Most encoder actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
-    gpus_per_actor: float = 0.0
-    """GPUs per encoder actor; 0 runs the encoder on CPU."""
-    cpus_per_actor: float = 0.0
-    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    pool: ActorPool = field(default_factory=ActorPool, metadata=FLAT)
+    """The encoder actors (``--actors``, ``--max-actors``, ``--gpus-per-actor``, ``--cpus-per-actor``)."""
     wait_timeout: float = 600.0
     """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     batch_size: int = 32
@@ -241,7 +281,7 @@ class PrepareConfig:
         if not 0.0 <= self.val_fraction < 1.0 - self.test_fraction:
             raise ConfigError(f"--val-fraction must be at least 0 and leave room for train next to --test-fraction, "
                               f"got {self.val_fraction}")
-        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
+        _not_negative(self, "wait_timeout")
         _at_least_one(self, "batch_size", "vocab_size", "min_word_count", "rows_per_file")
         _set(self, "splits", _words(self.splits))
         if not set(self.splits) <= set(SPLITS) or not self.splits:
@@ -381,15 +421,8 @@ class CaptionConfig:
     """K: beams per image."""
     batch_size: int = 32
     """Images per encoder forward pass and beam search."""
-    actors: int = 0
-    """A fixed number of captioner actors; 0 lets the pool scale (on a cluster: from 1 up to
-    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
-    max_actors: int = 0
-    """Most captioner actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
-    gpus_per_actor: float = 0.0
-    """GPUs per actor; 0 captions on CPU."""
-    cpus_per_actor: float = 0.0
-    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    pool: ActorPool = field(default_factory=ActorPool, metadata=FLAT)
+    """The captioner actors (``--actors``, ``--max-actors``, ``--gpus-per-actor``, ``--cpus-per-actor``)."""
     wait_timeout: float = 600.0
     """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -405,12 +438,9 @@ class CaptionConfig:
     rows_per_shard: int = 2_000
     """Rows per Parquet shard (the last of a run may have fewer). A killed run loses what its write tasks
     had not written yet, about a shard's worth; fewer, larger files read back faster on resume."""
-    image_column: str = ""
-    """Parquet input: the column of image bytes (default: the first of jpg, jpeg, png, webp, image, img,
-    image_bytes it has; a ``{bytes, path}`` struct works too)."""
-    key_column: str = ""
-    """Parquet input: the column that names a sample (default: key, id or image_id, else the row number);
-    a row's ``path`` is ``FILE#KEY``. WebDataset samples are named ``SHARD.tar#KEY`` by their key."""
+    shard_columns: ShardColumns = field(default_factory=ShardColumns, metadata=FLAT)
+    """Parquet input: the image and key columns (``--image-column``, ``--key-column``); the key names a
+    row's ``path``."""
     retry_window_s: float = 300.0
     """Seconds the run goes on retrying, with growing pauses, the images whose reads failed for a
     transient reason (throttling, timeouts) once the rest is done; then it gives up (exit 1). 0: no retry."""
@@ -434,8 +464,7 @@ class CaptionConfig:
                 raise ConfigError(f"--{name} must not be empty")
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "batch_size", "max_length", "rows_per_shard")
-        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout",
-                      "retry_window_s")
+        _not_negative(self, "wait_timeout", "retry_window_s")
         if self.progress_s < 1:
             raise ConfigError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.lease_timeout_s < 10:
@@ -472,15 +501,8 @@ class EvaluateConfig:
     """Longest caption generated."""
     batch_size: int = 128
     """Images decoded together."""
-    actors: int = 0
-    """A fixed number of beam-search actors; 0 lets the pool scale (on a cluster: from 1 up to
-    ``max_actors`` as work queues up and nodes join; locally: one per GPU, else one)."""
-    max_actors: int = 0
-    """Most beam-search actors an autoscaling pool grows to; 0: no limit (the cluster's node caps bound it)."""
-    gpus_per_actor: float = 0.0
-    """GPUs per actor; 0 searches on CPU."""
-    cpus_per_actor: float = 0.0
-    """CPUs per actor (also its torch threads on CPU); 0: 1 on a cluster, the machine's spare cores locally."""
+    pool: ActorPool = field(default_factory=ActorPool, metadata=FLAT)
+    """The beam-search actors (``--actors``, ``--max-actors``, ``--gpus-per-actor``, ``--cpus-per-actor``)."""
     wait_timeout: float = 600.0
     """Seconds to wait for the cluster to make room for the first actor (GPU nodes take minutes to start)."""
     progress_s: float = 30.0
@@ -494,7 +516,7 @@ class EvaluateConfig:
         for name in ("checkpoint", "features", "out"):
             _set(self, name, storage.normalize(getattr(self, name)))
         _at_least_one(self, "beam_size", "max_length", "batch_size")
-        _not_negative(self, "actors", "max_actors", "gpus_per_actor", "cpus_per_actor", "wait_timeout")
+        _not_negative(self, "wait_timeout")
         if self.progress_s < 1:
             raise ConfigError(f"--progress-s must be at least 1, got {self.progress_s:g}")
         if self.split not in SPLITS:

@@ -46,6 +46,7 @@ def demo_encoder(preset: DemoPreset) -> EncoderSpec:
 
 def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
     from capray.captioning import CaptionConfig, caption
+    from capray.config import ActorPool
     from capray.connect import ensure_ray
     from capray.evaluation import EvaluateConfig, attend, evaluate
     from capray.features import PrepareConfig, prepare
@@ -75,7 +76,7 @@ def run_demo(workdir: str, *, num_images: int = 0, epochs: int = 0) -> dict:
     ensure_ray(dashboard=True)  # the demo trains: see ensure_ray
     t = stage("2/6 prepare: EfficientNet-Lite0 (ImageNet weights) features, 2 encoder actors")
     prepared = prepare(PrepareConfig(annotations=manifest, out=paths["features"], encoder=demo_encoder(preset),
-                                     actors=2, batch_size=64))
+                                     pool=ActorPool(actors=2), batch_size=64))
     times["prepare"] = time.perf_counter() - t
 
     t = stage(f"3/6 train: {preset.workers} Ray Train workers, {preset.epochs} epochs")

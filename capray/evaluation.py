@@ -103,8 +103,7 @@ def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple
     ensure_ray()
     machine = local_machine()
     read_cpus = task_cpus(machine, small=0.25, cluster=1.0)
-    plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
-                       cpus_per_actor=config.cpus_per_actor, machine=machine, reserve_cpus=read_cpus)
+    plan = plan_actors(config.pool, machine=machine, reserve_cpus=read_cpus)
     log.info("evaluate: %s split of %s; %s", config.split, config.features, plan.describe())
     if machine is None:  # a cluster: the first actor may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="evaluate")

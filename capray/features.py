@@ -20,7 +20,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,7 @@ from capray.annotations import (SPLITS, AnnotationError, Record, caption_fields,
                                 pair_sources, read_sources, shard_record, shard_text_columns, source_kind)
 from capray.autoscaler import wait_for_resources
 from capray.checkpoint import state_bytes
-from capray.config import PrepareConfig
+from capray.config import PrepareConfig, option_values
 from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.errors import ConfigError
@@ -101,8 +101,8 @@ class Encoder:
 
 
 def read_config_records(config: dict) -> list[Record]:
-    """The records a prepare config names, given as a dict: ``asdict(PrepareConfig)``, or the ``config``
-    of a ``prepare.json`` (whose older versions lack the newer keys)."""
+    """The records a prepare config names, given as a dict: a ``PrepareConfig``'s ``option_values``, or the
+    ``config`` of a ``prepare.json`` (whose older versions lack the newer keys)."""
     annotations, images = config.get("annotations") or [], config.get("images") or []
     if isinstance(annotations, str):  # prepare.json of a dataset written before several files were allowed
         annotations, images = [annotations], [images] if images else []
@@ -229,7 +229,7 @@ def shard_samples(shard: str, *, settings: dict, images: bool) -> Iterator[tuple
 
 def shard_settings(config: PrepareConfig) -> dict:
     """The settings that make a shard sample's record: the same in the text pass and the encode pass."""
-    return {"image_column": config.image_column, "key_column": config.key_column,
+    return {"image_column": config.shard_columns.image_column, "key_column": config.shard_columns.key_column,
             "caption_column": config.caption_column, "val_fraction": config.val_fraction,
             "test_fraction": config.test_fraction}
 
@@ -459,8 +459,7 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
 
     ensure_ray()
     machine = local_machine()
-    plan = plan_actors(actors=config.actors, max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
-                       cpus_per_actor=config.cpus_per_actor, machine=machine)
+    plan = plan_actors(config.pool, machine=machine)
     if machine is None:  # a cluster: the first encoder actor may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="prepare")
 
@@ -549,7 +548,7 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
         "actors": {"min": plan.min_actors, "max": plan.max_actors},
         "batch_size": config.batch_size,
         "out": config.out,
-        "config": {**{k: v for k, v in asdict(config).items() if k != "encoder"}, "splits": list(splits)},
+        "config": {**{k: v for k, v in option_values(config).items() if k != "encoder"}, "splits": list(splits)},
     }
     storage.write_json(marker, summary)  # written last: the "done" marker
     return summary
@@ -613,7 +612,8 @@ RUN_SETTINGS = ("annotations", "images", "test_fraction", "val_fraction", "image
 def _run_record(config: PrepareConfig, *, spec: EncoderSpec, carve: bool, encoder_state: bytes) -> dict:
     """What the rows of a run are made with (``RUN_FILE``): the settings, the encoder's spec and weights (a
     digest), and whether val gave test its images. With the vocabulary, all a resumed run must share."""
-    record = {name: getattr(config, name) for name in RUN_SETTINGS}
+    options = option_values(config)
+    record = {name: options[name] for name in RUN_SETTINGS}
     record.update(encoder=spec.to_dict(), encoder_sha256=hashlib.sha256(encoder_state).hexdigest(), carve=carve)
     return json.loads(json.dumps(record))  # as it reads back
 
@@ -714,7 +714,8 @@ def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, 
     ds = ray.data.from_arrow(blocks)
     ds = map_with_retries(ds, decode_block, fn_kwargs={
                               "image_size": spec.image_size, "errors_dir": errors_dir, "batch_size": config.batch_size,
-                              "image_column": config.image_column, "key_column": config.key_column, "stream": stream,
+                              "image_column": config.shard_columns.image_column,
+                              "key_column": config.shard_columns.key_column, "stream": stream,
                               "progress": progress},
                           batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
                           max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])

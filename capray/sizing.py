@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from capray.config import ActorPool
 from capray.connect import is_local
 from capray.errors import ConfigError
 
@@ -76,19 +77,16 @@ class ActorPlan:
         return f"{count} actor(s) × {self.num_cpus:g} CPU{gpus}"
 
 
-def plan_actors(*, actors: int, max_actors: int, gpus_per_actor: float, cpus_per_actor: float,
-                machine: Machine | None, reserve_cpus: float = 1.0) -> ActorPlan:
+def plan_actors(pool: ActorPool, *, machine: Machine | None, reserve_cpus: float = 1.0) -> ActorPlan:
     """The model actors of a job: a fixed pool on a local machine, an autoscaling one on a cluster.
 
-    ``actors`` > 0 fixes the pool size; 0 lets it scale: on a cluster between 1 and ``max_actors``
+    ``pool.actors`` > 0 fixes the pool size; 0 lets it scale: on a cluster between 1 and ``max_actors``
     (0: no limit), on a local machine one per GPU (else one). ``cpus_per_actor`` 0 means the default:
     1 CPU per actor on a cluster (a share any node can give; the pool scales out instead of up), and
     on a local machine what is left after ``reserve_cpus`` for the decode tasks.
     """
-    if actors < 0 or max_actors < 0 or gpus_per_actor < 0 or cpus_per_actor < 0:
-        raise ConfigError("--actors, --max-actors, --gpus-per-actor and --cpus-per-actor must not be negative")
-    if actors and max_actors and max_actors < actors:
-        raise ConfigError(f"--max-actors {max_actors} is below --actors {actors}")
+    actors, max_actors = pool.actors, pool.max_actors
+    gpus_per_actor, cpus_per_actor = pool.gpus_per_actor, pool.cpus_per_actor
     if machine is None:
         num_cpus = cpus_per_actor or 1.0
         threads = 1 if gpus_per_actor else max(1, int(num_cpus))

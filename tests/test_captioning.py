@@ -167,9 +167,8 @@ def test_extensions_are_parsed_case_insensitively_from_commas_or_repeats():
     assert CaptionConfig(input="in", out="out", checkpoint="ck", extensions="TIF").extensions == ("tif",)
 
 
-@pytest.mark.parametrize("bad", [{"beam_size": 0}, {"batch_size": 0}, {"max_length": 0}, {"actors": -1},
-                                 {"gpus_per_actor": -0.5}, {"extensions": ","}, {"input": ""},
-                                 {"rows_per_shard": 0}, {"overwrite": True, "retry_errors": True}])
+@pytest.mark.parametrize("bad", [{"beam_size": 0}, {"batch_size": 0}, {"max_length": 0}, {"extensions": ","},
+                                 {"input": ""}, {"rows_per_shard": 0}, {"overwrite": True, "retry_errors": True}])
 def test_config_rejects_bad_values(bad):
     values = {"input": "in", "out": "out", "checkpoint": "ck", **bad}
     with pytest.raises(ValueError):

@@ -224,6 +224,42 @@ def test_the_command_line_and_a_config_file_give_the_same_config(tmp_path):
     assert from_file == from_flags
 
 
+POOL_COMMANDS = {"prepare": ["--annotations", "a.jsonl", "--out", "o"],
+                 "caption": ["--input", "i", "--out", "o", "--checkpoint", "c"],
+                 "evaluate": ["--checkpoint", "c", "--features", "f", "--out", "o"]}
+
+
+@pytest.mark.parametrize("command", sorted(POOL_COMMANDS))
+def test_the_actor_pool_takes_flat_flags_and_flat_config_keys(command, tmp_path):
+    (tmp_path / "pool.yaml").write_text("actors: 2\nmax_actors: 4\ngpus_per_actor: 1\ncpus_per_actor: 0.5\n")
+    from_file = cli.build(command, cli.parser(command).parse_args([*POOL_COMMANDS[command], "--config",
+                                                                   str(tmp_path / "pool.yaml")]))
+    from_flags = cli.build(command, cli.parser(command).parse_args(
+        [*POOL_COMMANDS[command], "--actors", "2", "--max-actors", "4", "--gpus-per-actor", "1",
+         "--cpus-per-actor", "0.5"]))
+    assert from_file.pool == from_flags.pool == configs.ActorPool(actors=2, max_actors=4, gpus_per_actor=1.0,
+                                                                  cpus_per_actor=0.5)
+
+
+@pytest.mark.parametrize("command", sorted(POOL_COMMANDS))
+@pytest.mark.parametrize("flags, needle", [
+    (["--actors", "-1"], "--actors must not be negative, got -1"),
+    (["--gpus-per-actor", "-0.5"], "--gpus-per-actor must not be negative"),
+    (["--actors", "4", "--max-actors", "2"], "--max-actors 2 is below --actors 4"),
+])
+def test_a_bad_actor_pool_is_one_usage_error(command, flags, needle):
+    assert_one_line_exit_2(run_cli(command, *POOL_COMMANDS[command], *flags), needle)
+
+
+def test_option_values_are_keyed_as_a_config_file_is():
+    """prepare.json's ``config`` and prepare's run record read these keys: flat fields stay at the top."""
+    config = configs.PrepareConfig(annotations="a.jsonl", out="o", pool=configs.ActorPool(actors=3),
+                                   shard_columns=configs.ShardColumns(image_column="jpg", key_column="id"))
+    values = configs.option_values(config)
+    assert (values["actors"], values["image_column"], values["key_column"]) == (3, "jpg", "id")
+    assert values["encoder"] == config.encoder.to_dict() and "pool" not in values and "shard_columns" not in values
+
+
 def test_a_boolean_from_a_config_file_can_be_turned_off_by_a_flag(tmp_path):
     (tmp_path / "c.yaml").write_text("input: i\nout: o\ncheckpoint: c\noverwrite: true\n")
     args = cli.parser("caption").parse_args(["--config", str(tmp_path / "c.yaml"), "--no-overwrite"])

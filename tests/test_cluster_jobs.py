@@ -192,9 +192,10 @@ def test_gpu_actors_land_on_gpu_nodes_and_the_pool_stays_within_its_maximum(clus
     code = textwrap.dedent("""
         import json, os, time, ray
         from capray.autoscaler import wait_for_resources
+        from capray.config import ActorPool
         from capray.sizing import plan_actors
         ray.init(log_to_driver=False)
-        plan = plan_actors(actors=0, max_actors=2, gpus_per_actor=1.0, cpus_per_actor=0.0, machine=None)
+        plan = plan_actors(ActorPool(max_actors=2, gpus_per_actor=1.0), machine=None)
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=180, what="probe")
 
         class Probe:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from capray import storage
+from capray.config import ActorPool
 from capray.encoders import EncoderError, EncoderSpec
 from capray.features import PrepareConfig, prepare, read_and_decode
 from capray.formats import CAPTIONS, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS
@@ -118,8 +119,8 @@ def test_prepare_splits_rewrites_only_the_named_splits_and_keeps_the_others_reco
 
     manifest = generate(str(tmp_path / "shapes"), SynthConfig(num_images=40, seed=1, image_size=64))
     out = tmp_path / "features"
-    config = PrepareConfig(annotations=manifest, out=str(out), encoder=EncoderSpec("resnet18", "none", 64), actors=1,
-                           batch_size=8, vocab_size=60)
+    config = PrepareConfig(annotations=manifest, out=str(out), encoder=EncoderSpec("resnet18", "none", 64),
+                           pool=ActorPool(actors=1), batch_size=8, vocab_size=60)
     prepare(config)
     before = json.loads((out / PREPARE_FILE).read_text())
     kept = {split: _files(out / split) for split in ("train", "val")}
@@ -218,8 +219,8 @@ def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_rec
 
     attempts = _forbid_shard_reads(monkeypatch)
     out = tmp_path / "features"
-    summary = prepare(PrepareConfig(annotations=tuple(sources), out=str(out), encoder=spec, actors=1, batch_size=8,
-                                    vocab_size=40, val_fraction=0.2, test_fraction=0.1))
+    summary = prepare(PrepareConfig(annotations=tuple(sources), out=str(out), encoder=spec, pool=ActorPool(actors=1),
+                                    batch_size=8, vocab_size=40, val_fraction=0.2, test_fraction=0.1))
     monkeypatch.undo()
     assert attempts == []
 
@@ -274,9 +275,10 @@ def test_a_killed_prepare_resumes_and_no_image_is_encoded_twice_or_missing(ray_l
                     samples_per_shard=4)
     put(f"{tars}/00009.tar", make_tar([("b0", {"jpg": b"not a jpeg", "txt": b"a red circle"})]))
     out = tmp_path / "features"
-    settings = dict(annotations=(manifest, tars), out=str(out), encoder=EncoderSpec("resnet18", "none", 48), actors=1,
-                    batch_size=2, rows_per_file=2, vocab_size=40, test_fraction=0.2)
-    script = ("import sys; from capray.encoders import EncoderSpec; from capray.features import PrepareConfig, prepare; "
+    settings = dict(annotations=(manifest, tars), out=str(out), encoder=EncoderSpec("resnet18", "none", 48),
+                    pool=ActorPool(actors=1), batch_size=2, rows_per_file=2, vocab_size=40, test_fraction=0.2)
+    script = ("import sys; from capray.config import ActorPool; from capray.encoders import EncoderSpec; "
+              "from capray.features import PrepareConfig, prepare; "
               f"prepare(PrepareConfig(**{{**{settings!r}, 'encoder': EncoderSpec('resnet18', 'none', 48)}}))")
     faulty_s3.configure(FaultPlan(get_delay_s=0.5))  # a slow store: the kill lands while images are still read
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url}

@@ -6,46 +6,44 @@ import time
 import pytest
 
 from capray.autoscaler import ResourceWaitTimeout, wait_for_resources
+from capray.config import ActorPool
 from capray.connect import is_local
 from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus, worker_cpus
 
 
 def test_a_cluster_plan_asks_what_one_node_gives_and_scales_the_pool():
-    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0, machine=None)
+    plan = plan_actors(ActorPool(), machine=None)
     assert (plan.min_actors, plan.max_actors, plan.num_cpus, plan.threads) == (1, None, 1.0, 1)
     strategy = plan.strategy()
     assert (strategy.min_size, strategy.max_size) == (1, float("inf"))
 
 
 def test_a_cluster_gpu_plan_is_one_gpu_and_one_cpu_per_actor_up_to_the_maximum():
-    plan = plan_actors(actors=0, max_actors=8, gpus_per_actor=1.0, cpus_per_actor=0.0, machine=None)
+    plan = plan_actors(ActorPool(max_actors=8, gpus_per_actor=1.0), machine=None)
     assert plan.bundle() == {"CPU": 1.0, "GPU": 1.0}
     assert (plan.min_actors, plan.max_actors) == (1, 8)
     assert plan.remote_args() == {"num_cpus": 1.0, "num_gpus": 1.0}
 
 
 def test_fixed_actors_and_cpus_per_actor_are_taken_as_given_on_a_cluster():
-    plan = plan_actors(actors=3, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=4.0, machine=None)
+    plan = plan_actors(ActorPool(actors=3, cpus_per_actor=4.0), machine=None)
     assert (plan.min_actors, plan.max_actors, plan.num_cpus, plan.threads) == (3, 3, 4.0, 4)
     assert plan.strategy().min_size == plan.strategy().max_size == 3
 
 
 def test_a_local_plan_shares_a_small_machine_with_the_decode_tasks():
-    plan = plan_actors(actors=2, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
-                       machine=Machine(cpus=2, gpus=0), reserve_cpus=0.5)
+    plan = plan_actors(ActorPool(actors=2), machine=Machine(cpus=2, gpus=0), reserve_cpus=0.5)
     assert (plan.min_actors, plan.max_actors) == (2, 2)
     assert plan.num_cpus * 2 <= 2 - 0.5 + 1e-9  # room is left for decoding: no deadlock on 2 cores
 
 
 def test_a_local_plan_fills_a_big_machine_with_one_actor():
-    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=0.0, cpus_per_actor=0.0,
-                       machine=Machine(cpus=16, gpus=0), reserve_cpus=1.0)
+    plan = plan_actors(ActorPool(), machine=Machine(cpus=16, gpus=0), reserve_cpus=1.0)
     assert (plan.min_actors, plan.num_cpus, plan.threads) == (1, 15.0, 15)
 
 
 def test_a_local_plan_puts_one_actor_on_each_gpu():
-    plan = plan_actors(actors=0, max_actors=0, gpus_per_actor=1.0, cpus_per_actor=0.0,
-                       machine=Machine(cpus=16, gpus=4))
+    plan = plan_actors(ActorPool(gpus_per_actor=1.0), machine=Machine(cpus=16, gpus=4))
     assert (plan.min_actors, plan.max_actors, plan.num_gpus, plan.num_cpus) == (4, 4, 1.0, 1.0)
 
 
@@ -56,9 +54,8 @@ def test_a_local_plan_puts_one_actor_on_each_gpu():
     ({"actors": 3, "cpus_per_actor": 1.0}, "exceed this machine's 2 CPUs"),
 ])
 def test_impossible_local_plans_are_user_errors(kwargs, message):
-    values = {"actors": 0, "max_actors": 0, "gpus_per_actor": 0.0, "cpus_per_actor": 0.0, **kwargs}
-    with pytest.raises(ValueError, match=message):
-        plan_actors(**values, machine=Machine(cpus=2, gpus=0))
+    with pytest.raises(ValueError, match=message):  # a negative or crossed count: the pool itself refuses it
+        plan_actors(ActorPool(**kwargs), machine=Machine(cpus=2, gpus=0))
 
 
 def test_task_and_worker_shares_are_fractional_only_on_a_small_local_machine():

@@ -19,6 +19,7 @@ from PIL import Image
 from capray import storage
 from capray.captioning import CaptionConfig, caption
 from capray.checkpoint import load_checkpoint, model_state, resolve_checkpoint, write_checkpoint
+from capray.config import ActorPool
 from capray.encoders import EncoderSpec
 from capray.evaluation import EvaluateConfig, attend, evaluate
 from capray.features import PrepareConfig, prepare
@@ -56,7 +57,7 @@ def pipeline(ray_local, s3_server):
     storage.write_text(manifest, lines + json.dumps(corrupt) + "\n")
     summary = prepare(PrepareConfig(annotations=manifest, out=f"{root}/features",
                                     encoder=EncoderSpec("efficientnet_lite0", "imagenet", 64),
-                                    actors=2, batch_size=32, vocab_size=100))
+                                    pool=ActorPool(actors=2), batch_size=32, vocab_size=100))
     return {"root": root, "manifest": manifest, "features": f"{root}/features", "summary": summary}
 
 
