@@ -34,6 +34,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import SPECIALS, Vocabulary
+from clirun import assert_one_line_exit_2, run_cli
 from killers import KillInBackground, kill_group, kill_processes_mentioning, ray_workers
 from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
@@ -382,9 +383,17 @@ def bad_checkpoints(tmp_path_factory, checkpoint) -> dict[str, str]:
     return {"garbage": str(garbage), "misfit": str(misfit), "missing": str(base / "nowhere")}
 
 
+def refuse_to_start_ray(**_) -> None:
+    raise AssertionError("the job started or joined a Ray before refusing its configuration")
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "empty prefix", "only non-images", "missing checkpoint",
                                   "garbage model.pt", "config does not fit"])
-def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, bad_checkpoints, job_env):
+def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, bad_checkpoints, job_env, monkeypatch):
+    """Each case in this process through ``cli.main`` with Ray forbidden; one of them also as the real
+    ``jobs/caption.py`` process, whose Ray folder must stay empty."""
+    from capray import connect
+
     put_objects(s3_bucket, "docs", IGNORED)
     put_objects(s3_bucket, "in", {"a.png": plain_images()["plain/deeper/still deeper/dog.png"]})
     checkpoints = bad_checkpoints
@@ -397,17 +406,18 @@ def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, ba
         "garbage model.pt": {"--checkpoint": checkpoints["garbage"]},
         "config does not fit": {"--checkpoint": checkpoints["misfit"]},
     }[case])
-    env = job_env
-    env.pop("CAPRAY_LOG_LEVEL")  # the default (INFO) must not add lines before the error
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "caption.py"),
-                             *[x for kv in flags.items() for x in kv]],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("capray caption: error: "), result.stderr
-    assert not os.listdir(env["RAY_TMPDIR"]), "Ray was started"
-    assert time.monotonic() - started < 60
+    argv = [x for kv in flags.items() for x in kv]
+    if case == "config does not fit":
+        env = job_env
+        env.pop("CAPRAY_LOG_LEVEL")  # the default (INFO) must not add lines before the error
+        result = subprocess.run([sys.executable, str(ROOT / "jobs" / "caption.py"), *argv],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert not os.listdir(env["RAY_TMPDIR"]), "Ray was started"
+    else:
+        monkeypatch.setattr(connect, "ensure_ray", refuse_to_start_ray)
+        result = run_cli("caption", *argv)
+    assert_one_line_exit_2(result, "capray caption: error: ")
+    assert result.stderr.lstrip().startswith("capray caption: error: "), result.stderr
 
 
 # --- transient failures: retried, never recorded as done; --retry-errors -------------------------------

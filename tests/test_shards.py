@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -22,7 +19,8 @@ from PIL import Image
 from capray import shards, storage
 from capray.captioning import CaptionConfig, caption
 from capray.formats import CAPTION_SCHEMA
-from test_captioning import ROOT, read_output, shard_names, write_small_checkpoint
+from clirun import assert_one_line_exit_2, run_cli
+from test_captioning import read_output, refuse_to_start_ray, shard_names, write_small_checkpoint
 
 SIZE = 64
 
@@ -311,18 +309,18 @@ def test_what_an_input_holds_is_told_by_its_files(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mixed pattern", "no image column", "mistyped key column"])
-def test_bad_shard_input_exits_2_with_one_line_before_ray_starts(case, s3_bucket, checkpoint, job_env):
+def test_bad_shard_input_exits_2_with_one_line_before_ray_starts(case, s3_bucket, checkpoint, monkeypatch):
+    from capray import connect
+
     put(f"{s3_bucket}/pq/00000.parquet", parquet_bytes(pa.table({"key": ["a"], "caption": ["x"]})))
     put(f"{s3_bucket}/pq/00001.parquet", parquet_bytes(pa.table({"key": ["b"], "jpg": [jpeg(0)]})))
     flags = {"mixed pattern": ["--input", f"{s3_bucket}/x/{{a.tar,b.parquet}}"],
              "no image column": ["--input", f"{s3_bucket}/pq/00000.parquet"],
              "mistyped key column": ["--input", f"{s3_bucket}/pq", "--key-column", "kee"]}[case]
-    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "caption.py"), *flags, "--out", f"{s3_bucket}/out",
-                             "--checkpoint", checkpoint], env=job_env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("capray caption: error: "), result.stderr
-    assert not os.listdir(job_env["RAY_TMPDIR"]), "Ray was started"
+    monkeypatch.setattr(connect, "ensure_ray", refuse_to_start_ray)
+    result = run_cli("caption", *flags, "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint)
+    assert_one_line_exit_2(result)
+    assert result.stderr.lstrip().startswith("capray caption: error: "), result.stderr
 
 
 # --- capray prepare from shards → train → evaluate ------------------------------------------------------
