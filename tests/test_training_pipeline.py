@@ -115,15 +115,28 @@ def test_a_killed_worker_resumes_from_the_checkpoint_and_finishes(faulted_run):
     assert summary["run"].startswith("s3://")
 
 
-def test_a_second_invocation_resumes_and_the_model_learns(pipeline, faulted_run):
-    config, _, _ = faulted_run
-    from dataclasses import replace
+def test_a_second_invocation_resumes_its_schedule_and_the_model_learns(pipeline, faulted_run):
+    """The finished run, resumed with 2 more epochs, goes on from the count and the learning rate it had
+    reached: its cosine ended at 1% of the peak and the lr column of metrics.jsonl never rises again, as
+    recomputing the cosine over the new --epochs made it.
 
-    more = replace(config, epochs=FAULTED_EPOCHS + 2)
+    The resumed run's two workers take 1 CPU each, the whole 2-CPU local Ray, and its features are read
+    by Ray Data's tasks (``driver_read_mb=0``, as a feature set too large for the driver is): they must be
+    read before the workers start, or the read waits forever for a CPU (here: Ray Data's no-progress
+    timeout, RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S, makes it an error)."""
+    from capray.loop import FINAL_FACTOR, Schedule
+
+    config, _, _ = faulted_run
+    run_dir = f"{config.out}/{config.name}"
+    more = replace(config, epochs=FAULTED_EPOCHS + 2, cpus_per_worker=1.0, driver_read_mb=0.0)
     summary = train(more)
     assert summary["resumed"]
-    state = storage.read_json(f"{resolve_latest(f'{config.out}/{config.name}')}/{TRAIN_STATE_FILE}")
+    state = storage.read_json(f"{resolve_latest(run_dir)}/{TRAIN_STATE_FILE}")
     assert state["epoch"] == more.epochs - 1 and state["resumed_from_epoch"] == FAULTED_EPOCHS  # continued the count
+    assert Schedule(**state["schedule"]) == Schedule.new(FAULTED_EPOCHS).retarget(FAULTED_EPOCHS, more.epochs)
+    rates = [m["lr"] for m in read_metrics(run_dir)]
+    assert len(rates) == more.epochs and all(b <= a for a, b in zip(rates, rates[1:])), rates  # never back up
+    assert rates[FAULTED_EPOCHS - 1:] == pytest.approx([config.learning_rate * FINAL_FACTOR] * 3, rel=1e-6), rates
     again = train(more)  # nothing left to do: says so without starting a trainer
     assert again["resumed"] and again["last_epoch"] == more.epochs - 1 and again["checkpoint"] is None
 
@@ -316,26 +329,3 @@ def test_event_log_of_an_s3_run_removes_its_local_copy(s3_bucket):
     scalars = _tensorboard_scalars(uri)
     assert [(tag, step) for tag, step, _ in scalars if tag == "loss/train"] == [("loss/train", 1), ("loss/train", 2)]
     assert [(step, value) for tag, step, value in scalars if tag == "bleu4/val"] == [(2, 0.5)]
-
-
-def test_a_run_resumed_with_more_epochs_and_workers_continues_its_learning_rate(pipeline, tmp_path):
-    """2 epochs on 1 worker, then resumed to 4 epochs on 2 workers (half the steps per epoch). The first run
-    ended its cosine at 1% of the peak; the resumed one goes on from there (metrics.jsonl's lr column) and
-    never jumps back up, as recomputing the cosine over 4 epochs in steps of the new worker count did.
-
-    The resumed run's two workers take 1 CPU each, the whole 2-CPU local Ray, and its features are read by
-    Ray Data's tasks (``driver_read_mb=0``, as a feature set too large for the driver is): they must be read
-    before the workers start, or the read waits forever for a CPU (here: Ray Data's no-progress timeout,
-    RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S, makes it an error)."""
-    from capray.loop import FINAL_FACTOR, Schedule
-
-    first = TrainConfig(features=pipeline["features"], out=str(tmp_path), name="extended", workers=1, epochs=2,
-                        val_every=2, attention_images=0, **{**SMALL_DECODER, "val_images": 8})
-    train(first)
-    train(replace(first, epochs=4, workers=2, cpus_per_worker=1.0, driver_read_mb=0.0))
-
-    rates = [m["lr"] for m in read_metrics(str(tmp_path / "extended"))]
-    assert len(rates) == 4 and all(b <= a for a, b in zip(rates, rates[1:])), rates  # never back up
-    assert rates[1:] == pytest.approx([first.learning_rate * FINAL_FACTOR] * 3, rel=1e-6), rates
-    latest = storage.read_json(f"{resolve_latest(str(tmp_path / 'extended'))}/{TRAIN_STATE_FILE}")
-    assert Schedule(**latest["schedule"]) == Schedule.new(2).retarget(2, 4)
