@@ -346,12 +346,19 @@ def test_shard_records_take_splits_from_the_data_or_from_a_hash_of_the_key(tmp_p
 
 
 @pytest.mark.slow
-def test_prepare_from_shards_then_train_then_evaluate(ray_local, s3_bucket, tmp_path):
-    from capray.encoders import EncoderSpec
+def test_prepare_from_shards_then_evaluate(ray_local, s3_bucket, tmp_path):
+    """Shards, a broken shard and a loose manifest prepared together, then evaluated with each sample's
+    objects from its .json as ground truth. The decoder is untrained (training reads any feature dataset
+    alike: test_training_pipeline trains on one)."""
+    import torch
+
+    from capray.checkpoint import model_state, write_checkpoint
+    from capray.encoders import EncoderSpec, build_encoder
     from capray.evaluation import EvaluateConfig, evaluate
     from capray.features import PrepareConfig, prepare
+    from capray.model import Decoder, DecoderConfig
     from capray.synth import SynthConfig, generate
-    from capray.training import TrainConfig, train
+    from capray.vocab import Vocabulary
 
     root = f"{s3_bucket}/world"
     folder = generate(root, SynthConfig(num_images=120, seed=5, image_size=64), format="webdataset",
@@ -373,10 +380,16 @@ def test_prepare_from_shards_then_train_then_evaluate(ray_local, s3_bucket, tmp_
     assert sum(shards.shard_of(i).startswith(f"{folder}/0000") for i in ids) > 80  # 0.8 of the 120 samples
     assert sum(i.startswith("shape-") for i in ids) > 10  # and of the 20 loose images
 
-    result = train(TrainConfig(features=features, out=f"{s3_bucket}/runs", name="shards", workers=1, epochs=2,
-                               embed_dim=16, hidden_dim=64, projection_dim=32, attention_dim=16, batch_size=16))
-    assert result["last_epoch"] == 1
-    metrics = evaluate(EvaluateConfig(checkpoint=f"{s3_bucket}/runs/shards", features=features,
+    spec = EncoderSpec("efficientnet_lite0", "imagenet", 64)
+    encoder, vocab = build_encoder(spec), Vocabulary.load(f"{features}/vocab.json")
+    decoder = DecoderConfig(vocab_size=len(vocab), feature_dim=summary["num_features"], embed_dim=16, hidden_dim=32,
+                            projection_dim=16, attention_dim=16, start_id=vocab.start_id, end_id=vocab.end_id,
+                            num_regions=summary["num_regions"], positions="grid")
+    torch.manual_seed(0)
+    write_checkpoint(f"{s3_bucket}/untrained", vocab=vocab, train_state={"epoch": 0},
+                     state=model_state(encoder_state=encoder.state_dict(), decoder_state=Decoder(decoder).state_dict()),
+                     config={"encoder": encoder.spec.to_dict(), "decoder": decoder.to_dict()})
+    metrics = evaluate(EvaluateConfig(checkpoint=f"{s3_bucket}/untrained", features=features,
                                       out=str(tmp_path / "eval"), split="test"))
     assert metrics["num_images"] == summary["splits"]["test"]["images"] > 0
     assert 0.0 <= metrics["bleu4"] <= 1.0 and "object_accuracy" in metrics  # ground truth from the .json
