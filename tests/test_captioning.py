@@ -218,7 +218,7 @@ def test_resuming_with_other_settings_fails_fast(tmp_path, checkpoint):
 
 # --- integration: local Ray, moto S3 --------------------------------------------------------------------
 
-def test_s3_prefix_one_row_per_image_then_resume_then_overwrite(ray_local, s3_bucket, checkpoint):
+def test_s3_prefix_one_row_per_image_then_a_rerun_adds_nothing(ray_local, s3_bucket, checkpoint):
     good = {**plain_images(), **odd_images()}
     broken = broken_images()
     put_objects(s3_bucket, "in", {**good, **broken, **IGNORED})
@@ -264,12 +264,6 @@ def test_s3_prefix_one_row_per_image_then_resume_then_overwrite(ray_local, s3_bu
     assert (again.total, again.ok, again.errors, again.skipped) == (len(expected), 0, 0, len(expected))
     assert shard_names(output) == shards
     assert storage.read_json(storage.join(output, SUMMARY_FILE))["skipped"] == len(expected)
-
-    fresh = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
-
-    assert (fresh.ok, fresh.errors, fresh.skipped) == (len(good), len(broken), 0)
-    assert not set(shard_names(output)) & set(shards)
-    assert sorted(read_output(output).column("path").to_pylist()) == sorted(expected)
 
 
 def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkpoint):
@@ -509,6 +503,8 @@ def test_a_second_run_into_a_held_output_is_refused_and_a_killed_owner_is_taken_
         ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
     """A run is SIGKILLed (its whole process group) once shards are out, a second run having been refused
     meanwhile; the same command again takes the dead owner's lease and adds exactly the rest."""
+    from capray import connect
+
     names = [f"img {i:02d}.jpg" for i in range(16)]
     put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
     output = tmp_path / "out"
@@ -520,12 +516,11 @@ def test_a_second_run_into_a_held_output_is_refused_and_a_killed_owner_is_taken_
         listing = output / "_listing" / owner["run_id"]
         assert listing.is_dir()
 
-        second = subprocess.run(_caption_command(s3_bucket, str(output), checkpoint),  # the same command
-                                env={**env, "CAPRAY_LOG_LEVEL": "INFO"}, capture_output=True, text=True, timeout=120)
+        with pytest.MonkeyPatch.context() as patch:  # the same command, in this process, Ray forbidden
+            patch.setattr(connect, "ensure_ray", refuse_to_start_ray)
+            second = run_cli("caption", *_caption_command(s3_bucket, str(output), checkpoint)[2:])
 
-        assert second.returncode == 2, second.stderr
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"is in use by caption run {owner['run_id']}" in lines[0], second.stderr
+        assert_one_line_exit_2(second, f"is in use by caption run {owner['run_id']}")
         assert first.poll() is None and listing.is_dir()  # the refused run deleted nothing of the live one
     finally:
         _kill_job(first, env)  # the owner dies: its lease stays, stale at once (its process on this host is gone)
