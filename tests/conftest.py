@@ -86,13 +86,14 @@ def job_env():
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory, s3_server):
     """One autoscaling fake cluster (tests/fakecluster.py) for every job test that runs its jobs on a
-    cluster as it is, whatever ran there before: a 0-CPU head, up to 3 ``cpu_2`` and 2 ``gpu_1`` nodes,
-    idle nodes terminated after 10 s. Starting one costs seconds and its nodes' scale-up tens of
+    cluster as it is, whatever ran there before: a 0-CPU head with its job server (``ray job submit``), up to
+    3 ``cpu_2`` and 2 ``gpu_1`` nodes, idle nodes terminated after 10 s. Starting one costs seconds and its nodes' scale-up tens of
     seconds; a test that needs a cluster of its own shape or a fresh one uses ``fake_cluster_factory``.
     Started after the S3 variables are set, so that its nodes inherit them."""
     from fakecluster import SHARED_NODE_TYPES, FakeCluster
 
-    with FakeCluster(SHARED_NODE_TYPES, tmp=tmp_path_factory.mktemp("cluster"), idle_timeout_s=10.0) as cluster:
+    with FakeCluster(SHARED_NODE_TYPES, tmp=tmp_path_factory.mktemp("cluster"), idle_timeout_s=10.0,
+                     job_server=True) as cluster:
         yield cluster
         print(f"\nshared fake cluster timeline:\n{cluster.timeline_text()}")
 

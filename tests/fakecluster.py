@@ -153,6 +153,7 @@ class FakeCluster:
         system_config: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 120.0,
+        job_server: bool = False,
     ) -> None:
         """
         Args:
@@ -164,6 +165,8 @@ class FakeCluster:
             system_config: Ray system config for every node (`ray start --system-config`),
                 merged over FAST_FAILURE_DETECTION.
             env: variables for the cluster's processes on top of os.environ at start().
+            job_server: run the head's dashboard, whose job server `ray job submit` talks to
+                (`job_server_url`), as a cluster launched by `ray up` does.
         """
         from ray.autoscaler._private.util import validate_config
 
@@ -175,6 +178,8 @@ class FakeCluster:
         self._system_config = {**FAST_FAILURE_DETECTION, **(system_config or {})}
         self._extra_env = dict(env or {})
         self._start_timeout_s = start_timeout_s
+        self._job_server = job_server
+        self._dashboard_port = 0
         self._marker = uuid.uuid4().hex
         self._ip = _node_ip()
         self._port = 0
@@ -238,6 +243,13 @@ class FakeCluster:
         return f"{self._ip}:{self._port}"
 
     @property
+    def job_server_url(self) -> str:
+        """The head's job server, for `ray job submit --address` (only with ``job_server=True``)."""
+        if not self._job_server:
+            raise RuntimeError("this cluster was started without its job server (job_server=True)")
+        return f"http://127.0.0.1:{self._dashboard_port}"
+
+    @property
     def ray_tmpdir(self) -> Path:
         assert self._ray_tmp is not None, "the cluster is not started"
         return self._ray_tmp
@@ -255,7 +267,7 @@ class FakeCluster:
             raise RuntimeError("the cluster is already started")
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._ray_tmp = Path(tempfile.mkdtemp(prefix="rfc-", dir="/tmp"))  # short: socket paths <= 107 bytes
-        self._port = free_port()
+        self._port, self._dashboard_port = free_port(), free_port()
         self.config["provider"]["gcs_address"] = self.address
         config_path = self.tmp / "autoscaling.json"
         config_path.write_text(json.dumps(self.config, indent=1))
@@ -277,10 +289,10 @@ class FakeCluster:
             str(_VENV_BIN / "ray"), "start", "--head", "--num-cpus=0", f"--port={self._port}",
             f"--autoscaling-config={config_path}", f"--temp-dir={self._ray_tmp}",
             f"--object-store-memory={self._object_store_memory}",
-            "--include-dashboard=false",
+            f"--include-dashboard={str(self._job_server).lower()}", "--dashboard-host=127.0.0.1",
             # The headless API server starts anyway, and the head's agent listens on a fixed port
             # (52365) by default: free ports, so that other Rays on this machine do not collide.
-            f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-port={self._dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
             f"--ray-client-server-port={free_port()}",  # always started (ray[client]); default 10001
             "--min-worker-port=0", "--max-worker-port=0",  # random worker ports
             f"--system-config={json.dumps(self._system_config, separators=(',', ':'))}",

@@ -5,7 +5,8 @@ what it needs, wait for the autoscaler, and finish on nodes that join later. Tra
 on the nodes still up, and a node is lost on purpose under each (its raylet SIGKILLed, as when a spot
 instance is reclaimed): each must finish on what is left or on a replacement.
 
-The jobs run as `ray job submit` runs them: `python jobs/<job>.py ...` with RAY_ADDRESS set.
+The jobs run as `ray job submit` runs them: `python jobs/<job>.py ...` with RAY_ADDRESS set; the caption
+job is submitted through the head's job server with `ray job submit --working-dir .` itself.
 """
 from __future__ import annotations
 
@@ -169,13 +170,18 @@ def test_caption_loses_nothing_when_a_node_dies(cluster, world, trained_through_
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     output = tmp_path / "captions"
     log = tmp_path / "caption.log"
-    job = _start(cluster, _job("caption", "--input", str(images), "--out", str(output), "--checkpoint", str(runs),
-                               "--batch-size", "8", "--max-actors", "2"), log)
+    # Submitted as users do: the job server uploads the working directory and runs the driver on the head.
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={cluster.job_server_url}",
+              "--working-dir", str(ROOT), "--", "python", "jobs/caption.py", "--input", str(images), "--out",
+              str(output), "--checkpoint", str(runs), "--batch-size", "8", "--max-actors", "2",
+              "--shared-fs"]  # the fake cluster's nodes are processes of this machine: one disk
+    with open(log, "w") as out:
+        job = cluster.popen(submit, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
 
     victim = _kill_a_node_running(cluster, job, "ray::MapWorker", ready=lambda: True, timeout=300)
     printed = _finish(job, log, timeout=600)
 
-    assert job.returncode == 0, cluster.report() + printed[-3000:]
+    assert job.returncode == 0 and "succeeded" in printed.lower(), cluster.report() + printed[-3000:]
     table = pq.ParquetDataset(sorted(str(p) for p in output.glob("part-*.parquet"))).read()
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 201  # one row per image: nothing lost, nothing twice
@@ -185,6 +191,24 @@ def test_caption_loses_nothing_when_a_node_dies(cluster, world, trained_through_
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["ok"], summary["errors"]) == (200, 1)
     print(f"\ncaption: node {victim[:8]} lost mid-run; {len(paths)} rows, each image once")
+
+
+def test_evaluate_runs_its_beam_search_on_worker_nodes(cluster, tmp_path):
+    """evaluate's beam search runs in an actor pool on the cluster's worker nodes, never on the 0-CPU head:
+    the driver only gathers the captions and scores them."""
+    from test_evaluation import MAX_LENGTH, write_shapes_dataset
+
+    shapes = write_shapes_dataset(tmp_path / "shapes")
+    out = tmp_path / "eval"
+    result = cluster.run(_job("evaluate", "--checkpoint", shapes["checkpoint"], "--features", shapes["features"],
+                              "--out", str(out), "--actors", "1", "--max-length", str(MAX_LENGTH),
+                              "--wait-timeout", "120"), timeout=300, env=SHARED_FS)
+    assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
+    nodes = json.loads((out / "metrics.json").read_text())["beam_search_nodes"]
+    head = {n.node_id for n in cluster.nodes() if n.is_head}
+    workers = {n.node_id for n in cluster.nodes() if not n.is_head}
+    assert nodes and set(nodes) <= workers and not set(nodes) & head, (nodes, head, workers)
+    assert sum(nodes.values()) == len(shapes["records"])
 
 
 def test_gpu_actors_land_on_gpu_nodes_and_the_pool_stays_within_its_maximum(cluster):

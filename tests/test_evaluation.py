@@ -1,5 +1,5 @@
-"""capray.evaluation: beam search in a Ray Data actor pool (locally and on a worker node of an
-autoscaling cluster), and attention grounding (capray.metrics.attention_grounding) on the shapes world.
+"""capray.evaluation: beam search in a Ray Data actor pool (here locally; on the worker nodes of an
+autoscaling cluster in test_cluster_jobs), and attention grounding (capray.metrics.attention_grounding) on the shapes world.
 
 The feature dataset is written here in prepare's format (a random frozen resnet18 over a small shapes
 world, 4×4 regions) instead of by prepare, which would cost a Ray job: what is tested is evaluate.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ from capray.model import Decoder, DecoderConfig
 from capray.synth import SynthConfig, generate
 from capray.vocab import SPECIALS, Vocabulary
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128  # resnet18's last stage: 4×4 regions
 MAX_LENGTH = 8
 
@@ -197,21 +195,3 @@ def test_actor_pool_gives_the_captions_of_a_direct_search_and_measures_grounding
 
 def image_id_uri(shapes: dict, image_id: str) -> str:
     return next(r.image for r in shapes["records"] if r.image_id == image_id)
-
-
-@pytest.mark.slow
-def test_beam_search_runs_on_a_worker_node_of_an_autoscaling_cluster(shared_cluster, shapes, tmp_path):
-    cluster = shared_cluster
-    out = tmp_path / "eval"
-    result = cluster.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--checkpoint", shapes["checkpoint"],
-                          "--features", shapes["features"], "--out", str(out), "--actors", "1",
-                          "--max-length", str(MAX_LENGTH), "--wait-timeout", "120",
-                          "--shared-fs"],  # the fake cluster's nodes are processes of this machine: one disk
-                         timeout=300)
-    assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
-    nodes = json.loads((out / METRICS_FILE).read_text())["beam_search_nodes"]
-    head = {n.node_id for n in cluster.nodes() if n.is_head}
-    workers = {n.node_id for n in cluster.nodes() if not n.is_head}
-    assert nodes and set(nodes) <= workers and not set(nodes) & head, (nodes, head, workers)
-    assert sum(nodes.values()) == len(shapes["records"])
-

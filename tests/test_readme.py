@@ -2,7 +2,7 @@
 parses with capray's own command-line parser, and every job file it names exists.
 
 The commands themselves run at full size only in `make demo` (the local sequence) and on a cluster;
-the same code paths run at test size in test_training_pipeline, test_captioning and test_job_submit.
+the same code paths run at test size in test_training_pipeline, test_captioning and test_cluster_jobs.
 """
 from __future__ import annotations
 
