@@ -218,7 +218,7 @@ def test_resuming_with_other_settings_fails_fast(tmp_path, checkpoint):
 
 # --- integration: local Ray, moto S3 --------------------------------------------------------------------
 
-def test_s3_prefix_one_row_per_image_then_a_rerun_adds_nothing(ray_local, s3_bucket, checkpoint):
+def test_s3_prefix_one_row_per_image_then_a_rerun_adds_nothing_and_retry_errors_reads_error_rows_again(ray_local, s3_bucket, checkpoint):
     good = {**plain_images(), **odd_images()}
     broken = broken_images()
     put_objects(s3_bucket, "in", {**good, **broken, **IGNORED})
@@ -257,6 +257,10 @@ def test_s3_prefix_one_row_per_image_then_a_rerun_adds_nothing(ray_local, s3_buc
     assert (written["total"], written["ok"], written["errors"], written["skipped"]) == (len(expected), len(good), len(broken), 0)
     assert written["wall_seconds"] > 0 and written["images_per_s"] > 0
     assert not storage.exists(storage.join(output, "_listing"))
+    assert all(re.fullmatch(rf"part-{summary.run_id}-\d{{10}}\.parquet", n) for n in shard_names(output))  # they sort
+    # Shards past 10^6 write tasks (7 and 12 digits) are still this output's: resume must see them.
+    for shard, index in zip(shard_names(output), ("1234567", "123456789012")):
+        storage.move(storage.join(output, shard), storage.join(output, f"part-{summary.run_id}-{index}.parquet"))
     shards = shard_names(output)
 
     again = caption(config)  # everything is there: nothing to do
@@ -264,6 +268,17 @@ def test_s3_prefix_one_row_per_image_then_a_rerun_adds_nothing(ray_local, s3_buc
     assert (again.total, again.ok, again.errors, again.skipped) == (len(expected), 0, 0, len(expected))
     assert shard_names(output) == shards
     assert storage.read_json(storage.join(output, SUMMARY_FILE))["skipped"] == len(expected)
+
+    # An error row counts as done (above); --retry-errors reads those images again, and one is now whole.
+    put_objects(s3_bucket, "in", {"broken/truncated.jpg": _encode(Image.fromarray(_rgb(seed=5)), "JPEG")})
+    retried = caption(CaptionConfig(**{**config.__dict__, "retry_errors": True}))
+
+    rows = read_output(output).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(expected)  # still one row per image
+    fixed = f"{s3_bucket}/in/broken/truncated.jpg"
+    assert {r["path"] for r in rows if r["error"]} == {f"{s3_bucket}/in/{k}" for k in broken} - {fixed}
+    assert [r["caption"] for r in rows if r["path"] == fixed][0]
+    assert (retried.ok, retried.errors, retried.skipped) == (1, len(broken) - 1, len(good))
 
 
 def test_dead_captioner_loses_and_duplicates_nothing(ray_local, tmp_path, checkpoint):
@@ -425,30 +440,6 @@ def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucke
     print(f"\ntransient S3 failures: {injected} injected 503s in the first run ({len(stuck)} objects throttled "
           f"past the client's retries → exit 1, {len(rows) - len(stuck)} rows); second run "
           f"{faulty_s3.counts['injected'] - injected} more, read again by a retry pass → {len(rows)} rows, each image once")
-
-
-def test_retry_errors_replaces_error_rows_once_the_cause_is_gone(ray_local, tmp_path, checkpoint):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(6):
-        Image.fromarray(_rgb(seed=i)).save(images / f"img-{i}.png")
-    (images / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n still uploading")
-    config = CaptionConfig(input=str(images), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=4,
-                           max_length=3)
-    caption(config)
-    assert [r["path"] for r in read_output(config.out).to_pylist() if r["error"]] == [str(images / "late.png")]
-
-    Image.fromarray(_rgb(seed=9)).save(images / "late.png")  # the upload completed
-    plain_rerun = caption(config)
-    assert (plain_rerun.ok, plain_rerun.errors, plain_rerun.skipped) == (0, 0, 7)  # an error row counts as done
-
-    summary = caption(CaptionConfig(**{**config.__dict__, "retry_errors": True}))
-
-    rows = read_output(config.out).to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(str(images / f"img-{i}.png") for i in range(6)) + [
-        str(images / "late.png")]
-    assert all(r["error"] is None and r["caption"] for r in rows)
-    assert (summary.ok, summary.errors, summary.skipped) == (1, 0, 6)
 
 
 def test_the_listing_holds_each_path_once_and_skips_what_is_done(tmp_path, monkeypatch):
@@ -630,7 +621,9 @@ def test_an_overwrite_that_could_not_read_everything_leaves_the_old_output_whole
     output = tmp_path / "out"
     config = CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=2,
                            max_length=3, rows_per_shard=2)
-    caption(config)
+    first = caption(config)
+    for shard, index in zip(shard_names(str(output)), ("1234567", "123456789012")):  # past 10^6 write tasks
+        os.rename(output / shard, output / f"part-{first.run_id}-{index}.parquet")
     old_shards, old_summary = shard_names(str(output)), (output / SUMMARY_FILE).read_text()
     faulty_s3.configure(FaultPlan(get_keys=keys(["in/img 00.jpg"]), get_failures=ALWAYS))
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "1"}
@@ -649,13 +642,14 @@ def test_an_overwrite_that_could_not_read_everything_leaves_the_old_output_whole
 
     rows = read_output(str(output)).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{n}" for n in names)  # exactly once each
-    assert not set(shard_names(str(output))) & set(old_shards) and set(staged) <= set(shard_names(str(output)))
+    assert not set(shard_names(str(output))) & set(old_shards)  # replaced, whatever their index, not kept beside
+    assert set(staged) <= set(shard_names(str(output)))
     assert (summary.skipped, summary.ok) == (len(names) - 1, 1)  # resumed, not redone
     assert not (output / "_overwrite").exists() and not (output / "_lease.json").exists()
     assert storage.read_json(str(output / SUMMARY_FILE))["run_id"] == summary.run_id
 
 
-# --- progress lines and shard names at any scale --------------------------------------------------------
+# --- progress lines -------------------------------------------------------------------------------------
 
 def test_a_run_logs_progress_lines_at_the_configured_cadence(ray_local, tmp_path, checkpoint, caplog):
     images = tmp_path / "images"
@@ -679,27 +673,3 @@ def test_a_run_logs_progress_lines_at_the_configured_cadence(ray_local, tmp_path
     done = [int(m.group(1)) for m in parsed]
     assert done == sorted(done) and summary.ok + summary.errors == 49
     assert lines[-1].startswith("caption: 49/49 images (100.0%)") and ", 1 error rows, ETA 0 s" in lines[-1]
-
-
-def test_shards_past_a_six_digit_task_index_are_found_by_resume_and_overwrite(ray_local, tmp_path, checkpoint):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.fromarray(_rgb(seed=i)).save(images / f"img-{i}.png")
-    config = CaptionConfig(input=str(images), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=2,
-                           max_length=3)
-    caption(config)
-    (shard,) = shard_names(config.out)
-    run_id = shard[len("part-"):len("part-") + 22]
-    assert re.fullmatch(rf"part-{run_id}-\d{{10}}\.parquet", shard)  # names sort by task at any count
-    for name in (f"part-{run_id}-1234567.parquet", f"part-{run_id}-123456789012.parquet"):  # past 10^6 tasks
-        os.rename(os.path.join(config.out, shard), os.path.join(config.out, name))
-        assert shard_names(config.out) == [name]
-
-        resumed = caption(config)
-
-        assert (resumed.skipped, resumed.ok) == (4, 0)  # seen: nothing captioned twice
-        shard = name
-    replaced = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
-    assert replaced.ok == 4 and shard not in shard_names(config.out)  # seen: replaced, not kept beside
-    assert len(read_output(config.out)) == 4
