@@ -153,7 +153,8 @@ def test_prepare_splits_rewrites_only_the_named_splits_and_keeps_the_others_reco
 
 def _shards_world(folder) -> list[str]:
     """A small shapes world as WebDataset shards (split from each sample's .json), one broken sample,
-    and a Parquet shard with no split column (split by a hash of the key); the annotation sources."""
+    a Parquet shard with no split column (split by a hash of the key) and a manifest of loose images
+    beside them; the annotation sources."""
     import io as _io
 
     import pyarrow.parquet as pq
@@ -170,7 +171,8 @@ def _shards_world(folder) -> list[str]:
     buffer = _io.BytesIO()
     pq.write_table(table, buffer)
     put(str(folder / "pq" / "00000.parquet"), buffer.getvalue())
-    return [tars, str(folder / "pq" / "00000.parquet")]  # the tars' folder first
+    manifest = generate(str(folder / "loose"), SynthConfig(num_images=8, seed=4, image_size=64))
+    return [tars, str(folder / "pq" / "00000.parquet"), manifest]  # the tars' folder first
 
 
 def _forbid_shard_reads(monkeypatch) -> list[str]:
@@ -199,7 +201,9 @@ def _forbid_shard_reads(monkeypatch) -> list[str]:
 def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_records_give(ray_local, tmp_path,
                                                                                          monkeypatch):
     """The reference is what the records read on the driver (``read_sources``, as prepare did before)
-    make: the same ids per split, vocabulary, tokens, and the encoder's features of each decoded image."""
+    make: the same ids per split, vocabulary, tokens, and the encoder's features of each decoded image.
+    Then evaluate reads the dataset, each sample's objects (from its .json) as ground truth; its decoder
+    is untrained (training reads any feature dataset alike: test_training_pipeline trains on one)."""
     import pyarrow.dataset as pads
     import torch
 
@@ -244,6 +248,26 @@ def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_rec
         features = np.stack([np.asarray(row["features"], np.float16) for row in got]).reshape(reference.shape)
         np.testing.assert_allclose(features.astype(np.float32), reference.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert summary["objects"]
+
+    from capray.checkpoint import model_state, write_checkpoint
+    from capray.evaluation import EvaluateConfig, evaluate
+    from capray.model import Decoder, DecoderConfig
+
+    decoder = DecoderConfig(vocab_size=len(vocab), feature_dim=summary["num_features"], embed_dim=16, hidden_dim=32,
+                            projection_dim=16, attention_dim=16, start_id=vocab.start_id, end_id=vocab.end_id,
+                            num_regions=summary["num_regions"], positions="grid")
+    write_checkpoint(str(tmp_path / "untrained"), vocab=vocab, train_state={"epoch": 0},
+                     state=model_state(encoder_state=stage.encoder.state_dict(),
+                                       decoder_state=Decoder(decoder).state_dict()),
+                     config={"encoder": stage.encoder.spec.to_dict(), "decoder": decoder.to_dict()})
+    metrics = evaluate(EvaluateConfig(checkpoint=str(tmp_path / "untrained"), features=str(out),
+                                      out=str(tmp_path / "eval"), split="test"))
+    assert metrics["num_images"] == summary["splits"]["test"]["images"] > 0
+    assert 0.0 <= metrics["bleu4"] <= 1.0
+    # Object accuracy needs every test image's objects: the shards' .json and the manifest have them, the
+    # Parquet shard has none.
+    tested = [r for r in records if r.split == "test" and r.image != broken]
+    assert ("object_accuracy" in metrics) == all(r.objects for r in tested) and any(r.objects for r in tested)
 
 
 # --- a killed prepare, resumed ---------------------------------------------------------------------

@@ -259,6 +259,10 @@ def test_webdataset_shards_one_row_per_sample_keys_kept_then_a_rerun_adds_nothin
     assert rows[f"{root}/00000.tar#000000002"]["error"] is None and retried.ok == 1
     assert {p for p, r in rows.items() if r["error"]} == errors - {f"{root}/00000.tar#000000002"}
 
+    # A sharded output keeps the columns it was written with: asking for others is refused.
+    with pytest.raises(ValueError, match="columns"):
+        caption(CaptionConfig(input=pattern, out=out, checkpoint=checkpoint, batch_size=4, keep_columns=("key",)))
+
 
 def test_parquet_input_one_row_per_row_and_a_rerun_adds_nothing(ray_local, s3_bucket, checkpoint):
     root = f"{s3_bucket}/parquet"
@@ -280,15 +284,6 @@ def test_parquet_input_one_row_per_row_and_a_rerun_adds_nothing(ray_local, s3_bu
     again = caption(config)
     assert (again.ok, again.errors, again.skipped) == (0, 0, len(expected))
     assert read_output(out).num_rows == len(expected)
-
-
-def test_a_sharded_output_does_not_take_other_kept_columns(ray_local, tmp_path, checkpoint):
-    root = str(tmp_path / "shards")
-    put(f"{root}/00000.tar", make_tar([sample(0)]))
-    out = str(tmp_path / "out")
-    caption(CaptionConfig(input=root, out=out, checkpoint=checkpoint))
-    with pytest.raises(ValueError, match="columns"):
-        caption(CaptionConfig(input=root, out=out, checkpoint=checkpoint, keep_columns=("key",)))
 
 
 def test_what_an_input_holds_is_told_by_its_files(tmp_path):
@@ -343,53 +338,3 @@ def test_shard_records_take_splits_from_the_data_or_from_a_hash_of_the_key(tmp_p
     counts = {s: sum(r.split == s for r in first) for s in ("train", "val", "test")}
     assert 240 <= counts["train"] <= 320 and 50 <= counts["val"] <= 110 and 20 <= counts["test"] <= 60
     assert first[7].image == first[7].image_id == f"{parquet}#k7"
-
-
-@pytest.mark.slow
-def test_prepare_from_shards_then_evaluate(ray_local, s3_bucket, tmp_path):
-    """Shards, a broken shard and a loose manifest prepared together, then evaluated with each sample's
-    objects from its .json as ground truth. The decoder is untrained (training reads any feature dataset
-    alike: test_training_pipeline trains on one)."""
-    import torch
-
-    from capray.checkpoint import model_state, write_checkpoint
-    from capray.encoders import EncoderSpec, build_encoder
-    from capray.evaluation import EvaluateConfig, evaluate
-    from capray.features import PrepareConfig, prepare
-    from capray.model import Decoder, DecoderConfig
-    from capray.synth import SynthConfig, generate
-    from capray.vocab import Vocabulary
-
-    root = f"{s3_bucket}/world"
-    folder = generate(root, SynthConfig(num_images=120, seed=5, image_size=64), format="webdataset",
-                      samples_per_shard=50)
-    broken = f"{folder}/00009.tar"  # one more shard, with a broken image
-    put(broken, make_tar([("b0", {"jpg": b"not a jpeg", "txt": b"a red circle"})]))
-    loose = generate(f"{s3_bucket}/loose", SynthConfig(num_images=20, seed=6, image_size=64))  # a manifest too
-    features = f"{s3_bucket}/features"
-    summary = prepare(PrepareConfig(annotations=(f"{folder}/{{00000..00002}}.tar", broken, loose), out=features,
-                                    encoder=EncoderSpec("efficientnet_lite0", "imagenet", 64), batch_size=32,
-                                    vocab_size=100))
-    assert [e["image"] for e in summary["errors"]] == [f"{broken}#b0"]
-    assert summary["num_images"] == 120 + 20 and summary["objects"]
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(f"{features}/train")
-    ids = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id"])["image_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == summary["splits"]["train"]["images"]
-    assert sum(shards.shard_of(i).startswith(f"{folder}/0000") for i in ids) > 80  # 0.8 of the 120 samples
-    assert sum(i.startswith("shape-") for i in ids) > 10  # and of the 20 loose images
-
-    spec = EncoderSpec("efficientnet_lite0", "imagenet", 64)
-    encoder, vocab = build_encoder(spec), Vocabulary.load(f"{features}/vocab.json")
-    decoder = DecoderConfig(vocab_size=len(vocab), feature_dim=summary["num_features"], embed_dim=16, hidden_dim=32,
-                            projection_dim=16, attention_dim=16, start_id=vocab.start_id, end_id=vocab.end_id,
-                            num_regions=summary["num_regions"], positions="grid")
-    torch.manual_seed(0)
-    write_checkpoint(f"{s3_bucket}/untrained", vocab=vocab, train_state={"epoch": 0},
-                     state=model_state(encoder_state=encoder.state_dict(), decoder_state=Decoder(decoder).state_dict()),
-                     config={"encoder": encoder.spec.to_dict(), "decoder": decoder.to_dict()})
-    metrics = evaluate(EvaluateConfig(checkpoint=f"{s3_bucket}/untrained", features=features,
-                                      out=str(tmp_path / "eval"), split="test"))
-    assert metrics["num_images"] == summary["splits"]["test"]["images"] > 0
-    assert 0.0 <= metrics["bleu4"] <= 1.0 and "object_accuracy" in metrics  # ground truth from the .json
