@@ -115,7 +115,21 @@ def test_a_killed_worker_resumes_from_the_checkpoint_and_finishes(faulted_run):
     assert summary["run"].startswith("s3://")
 
 
-def test_a_second_invocation_resumes_its_schedule_and_the_model_learns(pipeline, faulted_run):
+@pytest.fixture(scope="module")
+def resumed_and_evaluated(pipeline, faulted_run) -> dict:
+    """The faulted run resumed with 2 more epochs (see the test below), then its best checkpoint evaluated
+    on the test split: what the resume test and the caption test check."""
+    config, _, _ = faulted_run
+    more = replace(config, epochs=FAULTED_EPOCHS + 2, cpus_per_worker=1.0, driver_read_mb=0.0)
+    summary = train(more)
+    again = train(more)  # nothing left to do: says so without starting a trainer
+    checkpoint, out = resolve_checkpoint(f"{config.out}/{config.name}"), f"{pipeline['root']}/eval"
+    metrics = evaluate(EvaluateConfig(checkpoint=checkpoint, features=pipeline["features"], out=out, beam_size=3))
+    return {"more": more, "summary": summary, "again": again, "checkpoint": checkpoint, "eval": out,
+            "metrics": metrics}
+
+
+def test_a_second_invocation_resumes_its_schedule_and_the_model_learns(pipeline, faulted_run, resumed_and_evaluated):
     """The finished run, resumed with 2 more epochs, goes on from the count and the learning rate it had
     reached: its cosine ended at 1% of the peak and the lr column of metrics.jsonl never rises again, as
     recomputing the cosine over the new --epochs made it.
@@ -128,8 +142,7 @@ def test_a_second_invocation_resumes_its_schedule_and_the_model_learns(pipeline,
 
     config, _, _ = faulted_run
     run_dir = f"{config.out}/{config.name}"
-    more = replace(config, epochs=FAULTED_EPOCHS + 2, cpus_per_worker=1.0, driver_read_mb=0.0)
-    summary = train(more)
+    more, summary, again = (resumed_and_evaluated[k] for k in ("more", "summary", "again"))
     assert summary["resumed"]
     state = storage.read_json(f"{resolve_latest(run_dir)}/{TRAIN_STATE_FILE}")
     assert state["epoch"] == more.epochs - 1 and state["resumed_from_epoch"] == FAULTED_EPOCHS  # continued the count
@@ -137,33 +150,27 @@ def test_a_second_invocation_resumes_its_schedule_and_the_model_learns(pipeline,
     rates = [m["lr"] for m in read_metrics(run_dir)]
     assert len(rates) == more.epochs and all(b <= a for a, b in zip(rates, rates[1:])), rates  # never back up
     assert rates[FAULTED_EPOCHS - 1:] == pytest.approx([config.learning_rate * FINAL_FACTOR] * 3, rel=1e-6), rates
-    again = train(more)  # nothing left to do: says so without starting a trainer
     assert again["resumed"] and again["last_epoch"] == more.epochs - 1 and again["checkpoint"] is None
 
-    out = f"{pipeline['root']}/eval"
-    metrics = evaluate(EvaluateConfig(checkpoint=f"{config.out}/{config.name}", features=pipeline["features"],
-                                      out=out, beam_size=3))
+    out, metrics = resumed_and_evaluated["eval"], resumed_and_evaluated["metrics"]
     written = storage.read_json(f"{out}/{METRICS_FILE}")
     results = storage.read_json(f"{out}/{RESULTS_FILE}")
     assert written["num_images"] == len(results) == metrics["num_images"] > 0
     assert set(written) >= {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "object_accuracy",
                             "beam_size", "split"}
-    untrained = _untrained_bleu4(pipeline, resolve_checkpoint(f"{config.out}/{config.name}"))
+    untrained = _untrained_bleu4(pipeline, resumed_and_evaluated["checkpoint"])
     print(f"\nshapes world, held-out test split after {more.epochs} epochs: BLEU-4 {written['bleu4']:.3f} "
           f"(untrained {untrained:.3f}), object accuracy {written['object_accuracy']:.3f}")  # shown with -s
     assert written["bleu4"] > untrained + 0.2, (written["bleu4"], untrained)
 
 
-def test_caption_writes_the_captions_evaluate_scores(pipeline, faulted_run, tmp_path):
+def test_caption_writes_the_captions_evaluate_scores(pipeline, resumed_and_evaluated, tmp_path):
     """One precision policy: caption (encoder live, on decoded images) and evaluate (features read back
     from prepare's fp16 shards) give the same text for every test image, from the same checkpoint."""
     import pyarrow.parquet as pq
 
-    config, _, _ = faulted_run
-    checkpoint = resolve_checkpoint(f"{config.out}/{config.name}")
-    evaluate(EvaluateConfig(checkpoint=checkpoint, features=pipeline["features"], out=str(tmp_path / "eval"),
-                            beam_size=3))
-    scored = {r["image_id"]: r["caption"] for r in storage.read_json(str(tmp_path / "eval" / RESULTS_FILE))}
+    checkpoint = resumed_and_evaluated["checkpoint"]
+    scored = {r["image_id"]: r["caption"] for r in storage.read_json(f"{resumed_and_evaluated['eval']}/{RESULTS_FILE}")}
     summary = caption(CaptionConfig(input=f"{pipeline['root']}/shapes/images/test", out=str(tmp_path / "captions"),
                                     checkpoint=checkpoint, beam_size=3, batch_size=8))
     rows = [row for shard in sorted((tmp_path / "captions").glob("*.parquet"))
