@@ -83,10 +83,11 @@ def job_env():
     shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory, s3_server):
-    """One autoscaling fake cluster (tests/fakecluster.py) for every job test that runs its jobs on a
-    cluster as it is, whatever ran there before: a 0-CPU head with its job server (``ray job submit``), up to
+    """One autoscaling fake cluster (tests/fakecluster.py) for the job tests of a module (test_cluster_jobs),
+    which run their jobs on the cluster as it is, whatever ran there before; stopped when the module is done
+    (its head's processes would otherwise take CPU from every later test): a 0-CPU head with its job server (``ray job submit``), up to
     3 ``cpu_2`` and 2 ``gpu_1`` nodes, idle nodes terminated after 10 s. Starting one costs seconds and its nodes' scale-up tens of
     seconds; a test that needs a cluster of its own shape or a fresh one uses ``fake_cluster_factory``.
     Started after the S3 variables are set, so that its nodes inherit them."""

@@ -613,7 +613,7 @@ SHARED_NODE_TYPES = {
     "cpu_2": {"resources": {"CPU": 2}, "max_workers": 3},
     "gpu_1": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2},
 }
-"""The node types of the session's shared cluster (``shared_cluster`` in tests/conftest.py)."""
+"""The node types of the shared cluster (``shared_cluster`` in tests/conftest.py)."""
 
 
 def _require_slow(request: pytest.FixtureRequest) -> None:

@@ -77,10 +77,12 @@ def test_every_readme_command_parses_with_current_names(command, args, capsys, t
 
 SMALLER = {
     "synth": ["--num-images", "80", "--image-size", "64"],
-    "prepare": ["--encoder.image-size", "64"],
-    "train": ["--epochs", "1", "--batch-size", "16"],
+    "prepare": ["--encoder.image-size", "64", "--actors", "1"],
+    "train": ["--epochs", "1", "--batch-size", "16", "--workers", "1"],
 }
-"""Flags appended to the README's local commands (the last occurrence of a flag wins): only sizes change."""
+"""Flags appended to the README's local commands (the last occurrence of a flag wins): only sizes change,
+the work and the processes doing it (one encoder actor, one Train worker; two of each run in
+test_training_pipeline)."""
 
 
 def _local_block() -> str:
