@@ -139,6 +139,27 @@ def trained_through_a_lost_node(cluster, world, prepared) -> dict:
     return {"returncode": job.returncode, "victim": victim, "output": output, "run_dir": run_dir}
 
 
+def test_a_job_with_local_paths_is_refused_on_the_cluster_before_it_asks_for_anything(cluster, s3_bucket,
+                                                                                        tmp_path):
+    """On a cluster whose nodes join later, a local --features/--out would be each node's own disk: refused
+    in one line (exit 2) before the job connects or asks the autoscaler for a node; s3:// passes the check.
+    First in the module, while the cluster is idle: a node launched now could only be this job's doing."""
+    job = str(ROOT / "jobs" / "train.py")
+    nodes_before = {n.node_id for n in cluster.worker_nodes()}
+    started = time.monotonic()
+    local = cluster.run([sys.executable, job, "--features", str(tmp_path / "features"), "--out",
+                         f"{s3_bucket}/runs"], timeout=120)
+    assert local.returncode == 2, local.stderr[-2000:]
+    lines = local.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--features {tmp_path / 'features'}: a local path" in lines[0], lines
+    assert time.monotonic() - started < 30
+    assert {n.node_id for n in cluster.worker_nodes()} <= nodes_before  # it asked the autoscaler for nothing
+
+    remote = cluster.run([sys.executable, job, "--features", f"{s3_bucket}/features", "--out",
+                          f"{s3_bucket}/runs"], timeout=120)
+    assert remote.returncode == 2 and "not a feature dataset" in remote.stderr, remote.stderr[-2000:]
+
+
 def test_prepare_scales_up_an_empty_cluster_and_finishes(cluster, world, prepared):
     assert prepared.returncode == 0, cluster.report() + prepared.stderr[-3000:]
     info = json.loads(Path(world["features"], "prepare.json").read_text())
@@ -244,23 +265,3 @@ def test_gpu_actors_land_on_gpu_nodes_and_the_pool_stays_within_its_maximum(clus
     assert seen["types"] == ["gpu_1"] and seen["gpu_ids"] == ["[0]"]
     assert 1 <= seen["actors"] <= 2
     print(f"\ngpu probe: {seen['actors']} actor(s), all on gpu_1 nodes, GPU ids {seen['gpu_ids']}")
-
-
-def test_a_job_with_local_paths_is_refused_on_the_cluster_before_it_asks_for_anything(cluster, s3_bucket,
-                                                                                        tmp_path):
-    """On a cluster whose nodes join later, a local --features/--out would be each node's own disk: refused
-    in one line (exit 2) before the job connects or asks the autoscaler for a node; s3:// passes the check."""
-    job = str(ROOT / "jobs" / "train.py")
-    nodes_before = {n.node_id for n in cluster.worker_nodes()}
-    started = time.monotonic()
-    local = cluster.run([sys.executable, job, "--features", str(tmp_path / "features"), "--out",
-                         f"{s3_bucket}/runs"], timeout=120)
-    assert local.returncode == 2, local.stderr[-2000:]
-    lines = local.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"--features {tmp_path / 'features'}: a local path" in lines[0], lines
-    assert time.monotonic() - started < 30
-    assert {n.node_id for n in cluster.worker_nodes()} <= nodes_before  # it asked the autoscaler for nothing
-
-    remote = cluster.run([sys.executable, job, "--features", f"{s3_bucket}/features", "--out",
-                          f"{s3_bucket}/runs"], timeout=120)
-    assert remote.returncode == 2 and "not a feature dataset" in remote.stderr, remote.stderr[-2000:]

@@ -99,7 +99,10 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     Relative paths must be resolved where the user typed them: Ray's workers (Train workers above
     all) run in Ray's working directory, where ``data/features`` means something else. ``ray_local``
     is another Ray running on the machine meanwhile, as users have: each command's own local Ray must
-    neither join it nor lose track of itself (Ray Train's helpers look "the" cluster up).
+    neither join it nor lose track of itself (Ray Train's helpers look "the" cluster up). And the shell
+    holds the README's ``export RAY_ADDRESS=http://...`` of the cluster section (here an address where
+    nothing listens): a job server's address, not a cluster, so each command says once that it runs
+    on a local Ray, and does.
     """
     import os
     import shutil
@@ -115,7 +118,7 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
     ray_dir = tempfile.mkdtemp(prefix="capray-readme-", dir="/tmp")  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env.update({"RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"})
+                "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120", "RAY_ADDRESS": "http://127.0.0.1:9"})
     try:
         result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=900)
@@ -137,3 +140,5 @@ def test_the_readme_local_block_runs_from_a_fresh_folder(tmp_path, ray_local):
                     "logging_progress", "RayDeprecationWarning"):
         assert chatter not in console, (chatter, console[-3000:])
     assert len(console.splitlines()) < 80, console
+    warned = [line for line in console.splitlines() if "RAY_ADDRESS=http://127.0.0.1:9 is a Ray job server's" in line]
+    assert len(warned) == 4 and all("runs on a local Ray" in line for line in warned), console  # each Ray job

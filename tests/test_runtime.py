@@ -128,21 +128,3 @@ def test_a_job_servers_http_address_is_not_a_cluster_to_join(monkeypatch):
     for address in ("10.0.0.1:6379", "ray://head:10001", "auto"):
         monkeypatch.setenv("RAY_ADDRESS", address)
         assert not is_local()
-
-
-def test_ensure_ray_with_a_job_servers_address_starts_a_local_ray_and_says_why(job_env):
-    """Run as a command would be: its own process, RAY_ADDRESS left at the job server's URL (nothing
-    listens there, so joining it would fail)."""
-    import subprocess
-    import sys
-
-    code = ("import logging, os, ray\nlogging.basicConfig(level=logging.INFO)\n"
-            "from capray.connect import ensure_ray\nensure_ray()\n"
-            "print('nodes', len(ray.nodes()), 'address', os.environ.get('RAY_ADDRESS'))\nray.shutdown()\n")
-    result = subprocess.run([sys.executable, "-c", code], env={**job_env, "RAY_ADDRESS": "http://127.0.0.1:9"},
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "nodes 1 address None"
-    warnings = [line for line in result.stderr.splitlines() if "RAY_ADDRESS=http://127.0.0.1:9" in line]
-    assert len(warnings) == 1 and "runs on a local Ray" in warnings[0] and "ray job submit" in warnings[0]
-    assert "Ray: local" in result.stderr
