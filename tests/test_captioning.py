@@ -388,33 +388,42 @@ def test_bad_configuration_exits_2_with_one_line(case, s3_bucket, checkpoint, ba
     assert result.stderr.lstrip().startswith("capray caption: error: "), result.stderr
 
 
-# --- transient failures: retried, never recorded as done; --retry-errors -------------------------------
+# --- transient failures: retried, never recorded as done; --overwrite replaces only when complete --------
 
-def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucket, checkpoint, job_env,
-                                                                         faulty_s3):
-    """S3 throttles some objects past the client's retries: exit 1, no rows for them. Run again while the
-    store recovers: reads that still fail are tried again after a pause, within the run, which adds exactly
-    those (exit 0)."""
+def test_an_overwrite_that_could_not_read_everything_keeps_the_old_output_and_a_rerun_retries_within_the_run(
+        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
+    """``--overwrite`` writes the new output beside the old one (``_overwrite/``). Some objects are throttled
+    past the client's retries: the run ends with exit 1, no rows for them (they are not done), the old
+    output exactly as it was. Run again while the store recovers: reads that still fail are tried again
+    after a pause, within the run, which adds exactly those to the staged output, then replaces the old
+    output with it (exit 0), each image once."""
     good = {f"img-{i:02d}.png": _encode(Image.fromarray(_rgb(seed=i)), "PNG") for i in range(12)}
     broken = {"broken.png": b"\x89PNG\r\n\x1a\n not really"}
     put_objects(s3_bucket, "in", {**good, **broken})
+    everything, broken_path = sorted(f"{s3_bucket}/in/{k}" for k in {**good, **broken}), f"{s3_bucket}/in/broken.png"
+    output = tmp_path / "out"
+    old = caption(CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=4,
+                                max_length=3, rows_per_shard=4))
+    for shard, index in zip(shard_names(str(output)), ("1234567", "123456789012")):  # past 10^6 write tasks
+        os.rename(output / shard, output / f"part-{old.run_id}-{index}.parquet")
+    old_shards, old_summary = shard_names(str(output)), (output / SUMMARY_FILE).read_text()
     stuck = [f"in/img-{i:02d}.png" for i in range(4)]
     faulty_s3.configure(FaultPlan(get_keys=keys(stuck), get_failures=ALWAYS))
     # 2 attempts per request (the AWS SDKs' variable) so that giving up takes seconds, not a minute.
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "2", "CAPRAY_LOG_LEVEL": "ERROR"}
-    command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in",
-               "--out", f"{s3_bucket}/out", "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3",
-               "--retry-window-s", "0"]  # no retries within the run: it gives up at once
+    command = [sys.executable, str(ROOT / "jobs" / "caption.py"), "--input", f"{s3_bucket}/in", "--out", str(output),
+               "--checkpoint", checkpoint, "--batch-size", "4", "--max-length", "3", "--rows-per-shard", "4",
+               "--overwrite", "--retry-window-s", "0"]  # no retries within the run: it gives up at once
 
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
     assert first.returncode == 1, first.stderr[-3000:]
     assert "run the same command again" in first.stderr.strip().splitlines()[-1]
-    rows = read_output(f"{s3_bucket}/out").to_pylist()
-    paths = sorted(r["path"] for r in rows)
-    assert paths == sorted(f"{s3_bucket}/in/{k}" for k in {**good, **broken} if f"in/{k}" not in stuck)
-    assert [r["path"] for r in rows if r["error"]] == [f"{s3_bucket}/in/broken.png"]  # permanent: a row
-    assert storage.read_json(f"{s3_bucket}/out/{SUMMARY_FILE}")["retryable"] == len(stuck)
+    assert shard_names(str(output)) == old_shards and (output / SUMMARY_FILE).read_text() == old_summary
+    staged = shard_names(str(output / "_overwrite"))
+    rows = read_output(str(output / "_overwrite")).to_pylist()
+    assert sorted(r["path"] for r in rows) == [p for p in everything if p.split(f"{s3_bucket}/", 1)[1] not in stuck]
+    assert [r["path"] for r in rows if r["error"]] == [broken_path]  # permanent: a row; transient: none
     injected = faulty_s3.counts["injected"]
     assert injected >= len(stuck) * 2  # the client did retry before giving up
 
@@ -422,8 +431,8 @@ def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucke
     # them again; a retry pass after a pause reads them, in the same run, which ends with exit 0.
     faulty_s3.configure(FaultPlan(get_keys=keys(stuck), get_failures=3))
     again = [*command, "--retry-window-s", "120", "--progress-s", "1"]  # the last flag given wins
-    second = subprocess.run(again, env={**env, "AWS_MAX_ATTEMPTS": "2", "CAPRAY_LOG_LEVEL": "INFO"},
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(again, env={**env, "CAPRAY_LOG_LEVEL": "INFO"}, capture_output=True, text=True,
+                            timeout=300)
 
     assert second.returncode == 0, second.stderr[-3000:]
     assert "retrying them in" in second.stderr
@@ -431,15 +440,18 @@ def test_transient_read_failures_are_not_done_and_a_rerun_captions_them(s3_bucke
     assert re.search(r"capray\.progress: caption: \d+/13 images", second.stderr), second.stderr[-3000:]  # the whole job
     assert re.search(r"capray\.progress: caption \(retry pass 1\): \d+/4 images", second.stderr), second.stderr[-3000:]
     assert faulty_s3.counts["injected"] - injected == 3 * len(stuck)
-    rows = read_output(f"{s3_bucket}/out").to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{k}" for k in {**good, **broken})
-    assert all(r["caption"] for r in rows if r["path"] != f"{s3_bucket}/in/broken.png")
-    summary = storage.read_json(f"{s3_bucket}/out/{SUMMARY_FILE}")
+    rows = read_output(str(output)).to_pylist()
+    assert sorted(r["path"] for r in rows) == everything  # exactly once each
+    assert [r["path"] for r in rows if r["error"]] == [broken_path] and all(r["caption"] or r["error"] for r in rows)
+    assert not set(shard_names(str(output))) & set(old_shards)  # replaced, whatever their index, not kept beside
+    assert set(staged) <= set(shard_names(str(output)))  # the staged shards were resumed, not redone
+    summary = json.loads((output / SUMMARY_FILE).read_text())
     assert (summary["ok"], summary["errors"], summary["retryable"], summary["skipped"]) == (
-        len(stuck), 0, 0, len(good) + len(broken) - len(stuck))
+        len(stuck), 0, 0, len(everything) - len(stuck))
+    assert not (output / "_overwrite").exists() and not (output / "_lease.json").exists()
     print(f"\ntransient S3 failures: {injected} injected 503s in the first run ({len(stuck)} objects throttled "
-          f"past the client's retries → exit 1, {len(rows) - len(stuck)} rows); second run "
-          f"{faulty_s3.counts['injected'] - injected} more, read again by a retry pass → {len(rows)} rows, each image once")
+          f"past the client's retries → exit 1); second run {faulty_s3.counts['injected'] - injected} more, "
+          f"read again by a retry pass → {len(rows)} rows, each image once, replacing the old output")
 
 
 def test_the_listing_holds_each_path_once_and_skips_what_is_done(tmp_path, monkeypatch):
@@ -609,44 +621,6 @@ def test_a_replacement_killed_halfway_is_finished_by_the_next_run_and_can_be_rep
     assert shard_names(str(output)) == sorted(new)
     assert sorted(read_output(str(output)).column("path").to_pylist()) == sorted(f"new {n}" for n in new)
     assert not (output / "_overwrite").exists()
-
-
-def test_an_overwrite_that_could_not_read_everything_leaves_the_old_output_whole_and_a_rerun_replaces_it_once(
-        ray_local, s3_bucket, checkpoint, tmp_path, faulty_s3, job_env):
-    """``--overwrite`` writes the new output beside the old one (``_overwrite/``): a run that ends before
-    every image is read (exit 1) leaves the old output exactly as it was, and the same command again
-    resumes the staged output and replaces the old one, each image once."""
-    names = [f"img {i:02d}.jpg" for i in range(6)]
-    put_objects(s3_bucket, "in", {n: _encode(Image.fromarray(_rgb(seed=i)), "JPEG") for i, n in enumerate(names)})
-    output = tmp_path / "out"
-    config = CaptionConfig(input=f"{s3_bucket}/in", out=str(output), checkpoint=checkpoint, batch_size=2,
-                           max_length=3, rows_per_shard=2)
-    first = caption(config)
-    for shard, index in zip(shard_names(str(output)), ("1234567", "123456789012")):  # past 10^6 write tasks
-        os.rename(output / shard, output / f"part-{first.run_id}-{index}.parquet")
-    old_shards, old_summary = shard_names(str(output)), (output / SUMMARY_FILE).read_text()
-    faulty_s3.configure(FaultPlan(get_keys=keys(["in/img 00.jpg"]), get_failures=ALWAYS))
-    env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url, "AWS_MAX_ATTEMPTS": "1"}
-
-    result = subprocess.run(_caption_command(s3_bucket, str(output), checkpoint, "--overwrite", "--retry-window-s", "0"),
-                            env=env, capture_output=True, text=True, timeout=300)
-
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert shard_names(str(output)) == old_shards and (output / SUMMARY_FILE).read_text() == old_summary
-    staged = shard_names(str(output / "_overwrite"))
-    staged_paths = read_output(str(output / "_overwrite")).column("path").to_pylist()
-    assert sorted(staged_paths) == sorted(f"{s3_bucket}/in/{n}" for n in names[1:])  # waits for the same command again
-    faulty_s3.heal()
-
-    summary = caption(CaptionConfig(**{**config.__dict__, "overwrite": True}))
-
-    rows = read_output(str(output)).to_pylist()
-    assert sorted(r["path"] for r in rows) == sorted(f"{s3_bucket}/in/{n}" for n in names)  # exactly once each
-    assert not set(shard_names(str(output))) & set(old_shards)  # replaced, whatever their index, not kept beside
-    assert set(staged) <= set(shard_names(str(output)))
-    assert (summary.skipped, summary.ok) == (len(names) - 1, 1)  # resumed, not redone
-    assert not (output / "_overwrite").exists() and not (output / "_lease.json").exists()
-    assert storage.read_json(str(output / SUMMARY_FILE))["run_id"] == summary.run_id
 
 
 # --- progress lines -------------------------------------------------------------------------------------
