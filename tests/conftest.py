@@ -65,8 +65,7 @@ def ray_local(s3_server):
     ray_dir = tempfile.mkdtemp(prefix="capray-ray-", dir="/tmp")
     os.environ.setdefault("RAY_TMPDIR", ray_dir)
     # Idle worker processes are kept (up to 10) instead of killed a second after a job: each test's jobs
-    # then find workers with capray imported, about a second less per Ray Data run (bench: four runs
-    # of a 4-image caption, 4.4 s each with Ray's default, 3.3 s with this).
+    # then find workers with capray imported, about a second less per Ray Data run (docs/testing.md).
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _system_config={"num_workers_soft_limit": 10})
     yield ray
