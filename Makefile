@@ -29,7 +29,7 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || echo "make test: no chromium on PATH, so the gallery's browser test is skipped (apt-get install chromium; .ci/run does)"
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=25 -m "not extended" tests
 
-# The inner loop: no Ray, no fake cluster, no subprocess pipeline (about 2-3 minutes).
+# The inner loop: no Ray, no fake cluster, no subprocess pipeline (about 80 s here).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not ray and not slow and not extended" tests
 
