@@ -54,15 +54,12 @@ from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, 
 from capray.progress import Progress, report
 from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
 from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus
-from capray.tasks import ModelThread
+from capray.tasks import MAX_BLOCKS, READ_TASK_RETRIES, ModelThread
 
 log = logging.getLogger(__name__)
 
 LISTING, GROUP = "listing", "group"  # a decode task's unit of work: one row group of a listing shard
 IMAGE = "image"  # decoded pixels between the decode tasks and the captioners (never written)
-DECODE_TASK_RETRIES = 10
-"""Ray retries of a decode task that raised ``TransientStorageError`` (reading its listing shard)."""
-MAX_BLOCKS = 10_000  # decode tasks per run at most: Ray Data keeps some driver memory per block
 RETRY_FIRST_PAUSE_S = 5.0
 """Pause before the first pass that retries transient read failures; it doubles for every further pass."""
 RETRY_MAX_PAUSE_S = 60.0
@@ -384,7 +381,7 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
             "image_extensions": config.extensions, "image_column": config.shard_columns.image_column,
             "key_column": config.shard_columns.key_column, "columns": columns}
     ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
-                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+                          max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     what = f"caption (retry pass {retry_pass})" if retry_pass else "caption"
     total, done_before = progress
     with Progress(what, total=total, every_s=config.progress_s, done_before=done_before) as progress:

@@ -24,7 +24,7 @@ from capray.metrics import attention_grounding, score_captions
 from capray.plots import plot_attention
 from capray.precision import as_stored
 from capray.progress import Progress, report
-from capray.tasks import ModelThread
+from capray.tasks import MAX_BLOCKS, READ_TASK_RETRIES, ModelThread
 
 log = logging.getLogger(__name__)
 NODE_ID = "node_id"
@@ -33,9 +33,6 @@ GROUNDING_MASS, GROUNDING_CHANCE, GROUNDED_WORDS = "grounding_mass", "grounding_
 """Evaluate's actor rows: an image's attention-grounding sums (``capray.metrics.attention_grounding``)."""
 SHARD = "shard"  # a read task's unit of work: one feature file of the split
 READ_COLUMNS = [IMAGE_ID, IMAGE, FEATURES, CAPTIONS]
-READ_TASK_RETRIES = 10
-"""Ray retries of a read task whose file read failed for a transient reason."""
-MAX_BLOCKS = 10_000
 
 
 def evaluate(config: EvaluateConfig) -> dict:

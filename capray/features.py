@@ -43,7 +43,7 @@ from capray.listing import contains, digests_bytes, digests_of, load_digests
 from capray.precision import EncoderStage
 from capray.progress import Progress, report
 from capray.sizing import ActorPlan, local_machine, plan_actors, task_cpus
-from capray.tasks import ModelThread, map_with_retries
+from capray.tasks import MAX_BLOCKS, READ_TASK_RETRIES, ModelThread, map_with_retries
 from capray.vocab import Vocabulary, word_counts
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,9 @@ SPLIT = "split"
 DECODE_CPUS = 0.25
 """CPU share of a decode task: decoding a small image is light, and a share unlike the actors' keeps
 Ray Data from fusing decoding into the (GPU) actors, so decoding scales on CPU nodes."""
-DECODE_TASK_RETRIES = 10
-"""Ray retries of a decode task whose image read failed for a transient reason (after the S3 client's
-own retries). Past that the job fails (exit 1) without ``prepare.json``: it never shrinks the
-training set silently."""
 BATCHES_PER_BLOCK = 2
 """Encoder batches per input block: the block count follows the data, not the nodes up at submit
 time, so decode tasks spread over nodes that join later."""
-MAX_BLOCKS = 10_000
 SHARD = "shard"
 RUN_FILE = "_prepare_run.json"
 """``OUT/_prepare_run.json``: the settings the rows in OUT's split folders were made with (see ``_run_record``),
@@ -269,7 +264,7 @@ def _read_shards_text(uris: list[str], *, settings: dict, machine) -> tuple[Shar
                               for part in _spread(uris, MAX_BLOCKS) if part])
     ds = map_with_retries(ds, count_shard_text, fn_kwargs={"settings": settings}, batch_size=None,
                           batch_format="pyarrow", num_cpus=task_cpus(machine, small=DECODE_CPUS, cluster=1.0),
-                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+                          max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     merged, images = ShardText(), {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for shard, text in zip(batch[SHARD].to_pylist(), batch["text"].to_pylist()):
@@ -718,7 +713,7 @@ def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, 
                               "key_column": config.shard_columns.key_column, "stream": stream,
                               "progress": progress},
                           batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
-                          max_retries=DECODE_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+                          max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,

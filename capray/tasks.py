@@ -9,6 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from capray.sizing import local_machine, task_cpus
 
+READ_TASK_RETRIES = 10
+"""Ray retries of a task that read files and raised ``TransientStorageError`` (after the S3 client's own
+retries): prepare's and caption's decode tasks, evaluate's feature reads. Past that the job fails (exit 1):
+prepare never shrinks the training set silently, and caption's images stay to do for the next run."""
+MAX_BLOCKS = 10_000
+"""Blocks of one Ray Data run at most, hence its read and decode tasks: Ray Data keeps some driver memory
+per block."""
+
 
 class ModelThread:
     """The one thread on which a Ray Data actor does all its torch work: loading, warm-up, inference.

@@ -98,7 +98,7 @@ def test_decode_lists_permanent_failures_and_raises_transient_ones(s3_bucket, fa
     assert sorted(listed) == [f"{s3_bucket}/in/broken.png", f"{s3_bucket}/in/missing.png"]
 
     faulty_s3.configure(FaultPlan(get_keys=keys({"in/throttled.png"}), get_failures=ALWAYS))
-    with pytest.raises(storage.TransientStorageError):  # Ray runs the task again (DECODE_TASK_RETRIES)
+    with pytest.raises(storage.TransientStorageError):  # Ray runs the task again (READ_TASK_RETRIES)
         read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/throttled.png"]), image_size=32,
                         errors_dir=str(tmp_path / "errors-2"))
     assert not (tmp_path / "errors-2").exists()  # not recorded as a bad image: the set never shrinks silently
