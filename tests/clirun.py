@@ -48,6 +48,12 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["capray", *args], code, out.getvalue(), err.getvalue())
 
 
+def refuse_to_start_ray(**_) -> None:
+    """Put in place of ``capray.connect.ensure_ray``: a command that must refuse its configuration before
+    any Ray starts fails the test if it gets that far."""
+    raise AssertionError("the job started or joined a Ray before refusing its configuration")
+
+
 def assert_one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

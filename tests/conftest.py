@@ -87,12 +87,13 @@ def job_env():
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory, s3_server):
-    """One autoscaling fake cluster (tests/fakecluster.py) for the job tests of a module (test_cluster_jobs),
-    which run their jobs on the cluster as it is, whatever ran there before; stopped when the module is done
-    (its head's processes would otherwise take CPU from every later test): a 0-CPU head with its job server (``ray job submit``), up to
-    3 ``cpu_2`` and 2 ``gpu_1`` nodes, idle nodes terminated after 10 s. Starting one costs seconds and its nodes' scale-up tens of
-    seconds; a test that needs a cluster of its own shape or a fresh one uses ``fake_cluster_factory``.
-    Started after the S3 variables are set, so that its nodes inherit them."""
+    """One autoscaling fake cluster (tests/fakecluster.py) for a module's job tests (test_cluster_jobs), which
+    run their jobs on the cluster as it is, whatever ran there before: a 0-CPU head with its job server
+    (``ray job submit``), up to 3 ``cpu_2`` and 2 ``gpu_1`` nodes, idle nodes terminated after 10 s.
+    Stopped when the module is done: its head's processes would take CPU from every later test. Starting
+    one costs seconds and its nodes' scale-up tens of seconds; a test that needs a cluster of its own
+    shape or a fresh one uses ``fake_cluster_factory``. Started after the S3 variables are set, so that its
+    nodes inherit them."""
     from fakecluster import SHARED_NODE_TYPES, FakeCluster
 
     with FakeCluster(SHARED_NODE_TYPES, tmp=tmp_path_factory.mktemp("cluster"), idle_timeout_s=10.0,

@@ -33,7 +33,7 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.formats import CAPTION_SCHEMA, CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
 from capray.model import Decoder, DecoderConfig
 from capray.vocab import SPECIALS, Vocabulary
-from clirun import assert_one_line_exit_2, run_cli
+from clirun import assert_one_line_exit_2, refuse_to_start_ray, run_cli
 from killers import KillInBackground, kill_group, kill_processes_mentioning, ray_workers
 from s3faults import ALWAYS, FaultPlan, faulty_s3, keys  # noqa: F401 (faulty_s3 is a fixture)
 
@@ -349,10 +349,6 @@ def bad_checkpoints(tmp_path_factory, checkpoint) -> dict[str, str]:
     config["decoder"]["hidden_dim"] = 48  # the weights were saved for 32
     (misfit / CONFIG_FILE).write_text(json.dumps(config))
     return {"garbage": str(garbage), "misfit": str(misfit), "missing": str(base / "nowhere")}
-
-
-def refuse_to_start_ray(**_) -> None:
-    raise AssertionError("the job started or joined a Ray before refusing its configuration")
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "empty prefix", "only non-images", "missing checkpoint",

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from capray.formats import METRICS_FILE
 from capray.synth import SynthConfig, generate
 from fakecluster import FakeCluster
 from killers import command_line, comm, descendants, environ
@@ -50,10 +51,10 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "manifest": manifest, "features": str(root / "features"), "runs": str(root / "runs")}
 
 
-def _start(cluster: FakeCluster, argv: list[str], log: Path):
+def _start(cluster: FakeCluster, argv: list[str], log: Path, *, cwd: Path | None = None):
     """A job in the background, its output in ``log`` (a pipe nobody reads would stall it)."""
     with open(log, "w") as out:
-        return cluster.popen(argv, env=SHARED_FS, stdout=out, stderr=subprocess.STDOUT, text=True)
+        return cluster.popen(argv, env=SHARED_FS, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(job, log: Path, *, timeout: float) -> str:
@@ -196,8 +197,7 @@ def test_caption_loses_nothing_when_a_node_dies(cluster, world, trained_through_
               "--working-dir", str(ROOT), "--", "python", "jobs/caption.py", "--input", str(images), "--out",
               str(output), "--checkpoint", str(runs), "--batch-size", "8", "--max-actors", "2",
               "--shared-fs"]  # the fake cluster's nodes are processes of this machine: one disk
-    with open(log, "w") as out:
-        job = cluster.popen(submit, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    job = _start(cluster, submit, log, cwd=ROOT)
 
     victim = _kill_a_node_running(cluster, job, "ray::MapWorker", ready=lambda: True, timeout=300)
     printed = _finish(job, log, timeout=600)
@@ -225,7 +225,7 @@ def test_evaluate_runs_its_beam_search_on_worker_nodes(cluster, tmp_path):
                               "--out", str(out), "--actors", "1", "--max-length", str(MAX_LENGTH),
                               "--wait-timeout", "120"), timeout=300, env=SHARED_FS)
     assert result.returncode == 0, cluster.report() + result.stderr[-3000:]
-    nodes = json.loads((out / "metrics.json").read_text())["beam_search_nodes"]
+    nodes = json.loads((out / METRICS_FILE).read_text())["beam_search_nodes"]
     head = {n.node_id for n in cluster.nodes() if n.is_head}
     workers = {n.node_id for n in cluster.nodes() if not n.is_head}
     assert nodes and set(nodes) <= workers and not set(nodes) & head, (nodes, head, workers)

@@ -19,8 +19,8 @@ from PIL import Image
 from capray import shards, storage
 from capray.captioning import CaptionConfig, caption
 from capray.formats import CAPTION_SCHEMA
-from clirun import assert_one_line_exit_2, run_cli
-from test_captioning import read_output, refuse_to_start_ray, shard_names, write_small_checkpoint
+from clirun import assert_one_line_exit_2, refuse_to_start_ray, run_cli
+from test_captioning import read_output, shard_names, write_small_checkpoint
 
 SIZE = 64
 
