@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from capray import storage
-from capray.captioning import CaptionConfig, plan_resources
+from capray.captioning import CaptionConfig
 from capray.checkpoint import load_checkpoint, model_state, write_checkpoint
 from capray.encoders import EncoderSpec, build_encoder
 from capray.images import decode_image
 from capray.model import Decoder, DecoderConfig
-from capray.sizing import Machine
+from capray.sizing import Machine, plan_pipeline
 from capray.synth import SynthConfig, generate
 from capray.vocab import SPECIALS, Vocabulary
 
@@ -76,7 +76,7 @@ def main() -> None:
               for n in (args.num_images, 4 * args.num_images)}
     config = CaptionConfig(input="-", out="-", checkpoint=checkpoint, batch_size=args.batch_size,
                            beam_size=args.beam_size, max_length=args.max_length)
-    plan, _, _ = plan_resources(config, machine=Machine(cpus=float(os.cpu_count()), gpus=0.0))
+    plan = plan_pipeline(config.pool, machine=Machine(cpus=float(os.cpu_count()), gpus=0.0)).actors
     results = {"num_images": args.num_images, "encoder": args.encoder, "weights": args.weights,
                "image_size": args.image_size, "vocab_size": args.vocab_size, "batch_size": args.batch_size,
                "beam_size": args.beam_size, "max_length": args.max_length, "threads": plan.threads,

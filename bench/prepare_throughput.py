@@ -23,7 +23,7 @@ from capray.connect import ensure_ray
 from capray.encoders import EncoderSpec, build_encoder
 from capray.features import PrepareConfig, prepare
 from capray.images import decode_image
-from capray.sizing import local_machine, plan_actors
+from capray.sizing import local_machine, plan_pipeline
 from capray.synth import SynthConfig, generate
 
 
@@ -65,7 +65,7 @@ def main() -> None:
             manifests[n] = generate(os.path.join(tmp, f"shapes-{n}"), SynthConfig(
                 num_images=n, image_size=args.image_size, train_fraction=1.0, val_fraction=0.0, test_fraction=0.0))
         ensure_ray()
-        plan = plan_actors(ActorPool(actors=args.actors), machine=local_machine(), reserve_cpus=0.25)
+        plan = plan_pipeline(ActorPool(actors=args.actors), machine=local_machine()).actors  # as prepare plans it
         # A first run of N pays what only the first pipeline in a Ray session pays (worker processes,
         # imports): it is discarded, so the N and 2N runs differ only in their number of images.
         prepare_seconds(manifests[args.num_images], os.path.join(tmp, "features-warm-up"), spec,

@@ -43,17 +43,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capray import lease, shards, storage
+from capray import lease, reader, shards, storage
 from capray.config import CaptionConfig
 from capray.errors import ConfigError
 from capray.formats import CAPTION, CAPTION_SCHEMA, ERROR, HEIGHT, PATH, SCORE, SUMMARY_FILE, WIDTH
-from capray.images import ImageDecodeError, decode_image
 from capray.listing import (LISTING_DIR, SHARDS_DIR, complete_shards, contains, digests_bytes, digests_of,
                             drop_error_rows, finished_paths, input_kind, input_paths, load_digests, write_listing,
                             write_marker)
 from capray.progress import Progress, report
 from capray.sink import RETRY, ShardSink, caption_schema, shard_metadata, shard_uris
-from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus
+from capray.sizing import plan_pipeline
 from capray.tasks import MAX_BLOCKS, READ_TASK_RETRIES, ModelThread
 
 log = logging.getLogger(__name__)
@@ -358,8 +357,9 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
 
     ensure_ray()
     machine = local_machine()
-    plan, decode_cpus, write_cpus = plan_resources(config, machine=machine)
-    log.info("caption: %s; decode tasks × %g CPU", plan.describe(), decode_cpus)
+    shares = plan_pipeline(config.pool, machine=machine)
+    plan = shares.actors
+    log.info("caption: %s; decode tasks × %g CPU", plan.describe(), shares.read_cpus)
     if machine is None:  # a cluster: the first captioner may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="caption")
     columns = tuple(settings["columns"])
@@ -380,7 +380,7 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
             "rows": _decode_rows(config.batch_size, config.rows_per_shard),
             "image_extensions": config.extensions, "image_column": config.shard_columns.image_column,
             "key_column": config.shard_columns.key_column, "columns": columns}
-    ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
+    ds = map_with_retries(ds, decode, fn_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=shares.read_cpus,
                           max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     what = f"caption (retry pass {retry_pass})" if retry_pass else "caption"
     total, done_before = progress
@@ -392,21 +392,10 @@ def _run(config: CaptionConfig, *, units: list[tuple[str, int]], output: str, ru
                                 "progress": progress.counter},
                             compute=plan.strategy(), batch_size=config.batch_size,
                             batch_format="numpy", **plan.remote_args())
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": write_cpus})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": shares.write_cpus})
     log.debug("caption: Ray Data stats:\n%s", ds.stats())
     held.check()
     return sink
-
-
-def plan_resources(config: CaptionConfig, *, machine: Machine | None) -> tuple[ActorPlan, float, float]:
-    """The captioners' plan and the CPU shares of a decode task and of a write task.
-
-    ``machine``: the local machine's resources, or None on a cluster (see ``capray.sizing``).
-    """
-    decode_cpus = task_cpus(machine, small=0.4, cluster=1.0)
-    write_cpus = task_cpus(machine, small=0.1, cluster=0.25)
-    plan = plan_actors(config.pool, machine=machine, reserve_cpus=decode_cpus + write_cpus)
-    return plan, decode_cpus, write_cpus
 
 
 def _decode_rows(batch_size: int, rows_per_shard: int) -> int:
@@ -424,7 +413,7 @@ def read_and_decode(batch: dict[str, np.ndarray], *, image_size: int) -> dict[st
     int32 (0 on error), ``error`` ("" when fine) and ``retry`` (the error is transient: see ``RETRY``).
     """
     paths = _listed(batch)
-    return decode_rows(paths, storage.read_many(paths), image_size)
+    return _rows(paths, reader.read_objects(paths, image_size=image_size))
 
 
 def _listed(batch: dict[str, np.ndarray]) -> list[str]:
@@ -437,28 +426,12 @@ def _listed(batch: dict[str, np.ndarray]) -> list[str]:
     return paths
 
 
-def decode_rows(paths: list[str], contents, image_size: int) -> dict[str, np.ndarray]:
-    """The decode tasks' rows: each path's content (bytes, or the exception its read raised) decoded.
-
-    Returns ``path``, ``image`` uint8 (N, S, S, 3) (zeros where decoding failed), ``width``, ``height``
-    int32 (0 on error), ``error`` ("" when fine) and ``retry`` (the error is transient: see ``RETRY``).
-    """
-    n = len(paths)
-    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    widths, heights = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-    errors, retry = np.full(n, "", dtype=object), np.zeros(n, dtype=bool)
-    for i, data in enumerate(contents):
-        try:
-            if isinstance(data, Exception):
-                raise data
-            images[i], widths[i], heights[i] = decode_image(data, image_size)
-        except (ImageDecodeError, storage.StorageError, storage.TransientStorageError) as exc:
-            errors[i] = str(exc) or type(exc).__name__
-            retry[i] = isinstance(exc, storage.TransientStorageError)
-            if retry[i]:
-                log.warning("caption: %s (after the S3 client's retries); a re-run will caption it", errors[i])
-    return {PATH: np.array(paths, dtype=object), IMAGE: images, WIDTH: widths, HEIGHT: heights, ERROR: errors,
-            RETRY: retry}
+def _rows(paths: list[str], decoded: reader.Decoded) -> dict[str, np.ndarray]:
+    """The decode tasks' rows (``read_and_decode``'s columns) of images the reader decoded."""
+    for error in np.array(decoded.errors, dtype=object)[decoded.transient]:
+        log.warning("caption: %s (after the S3 client's retries); a re-run will caption it", error)
+    return {PATH: np.array(paths, dtype=object), IMAGE: decoded.pixels, WIDTH: decoded.widths,
+            HEIGHT: decoded.heights, ERROR: np.array(decoded.errors, dtype=object), RETRY: decoded.transient}
 
 
 def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, output: str, rows: int,
@@ -471,30 +444,24 @@ def read_shard(batch: dict[str, np.ndarray], *, image_size: int, done: str, outp
     A shard read whole leaves its row count in ``output`` (``capray.listing.complete_shards``).
     """
     finished = load_digests(done)
-    pending: list[shards.Sample] = []
     for shard in _listed(batch):
-        count = 0
-        for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
-                                          key_column=key_column, columns=columns):
-            count += 1
-            if contains(finished, digests_of([sample.path]))[0]:
-                continue
-            pending.append(sample)
-            if len(pending) == rows:
-                yield _decoded(pending, image_size, columns)
-                pending = []
-        write_marker(output, shard, count)
-    if pending:
-        yield _decoded(pending, image_size, columns)
+        seen = 0
 
+        def to_do() -> Iterator[shards.Sample]:
+            nonlocal seen
+            for sample in shards.iter_samples(shard, image_extensions=image_extensions, image_column=image_column,
+                                              key_column=key_column, columns=columns):
+                seen += 1
+                if not contains(finished, digests_of([sample.path]))[0]:
+                    yield sample
 
-def _decoded(samples: list[shards.Sample], image_size: int, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """``decode_rows`` of shard samples (a sample's own error is its row's), plus the kept ``columns``."""
-    contents = [s.image if s.error is None else ImageDecodeError(s.error) for s in samples]
-    batch = decode_rows([s.path for s in samples], contents, image_size)
-    for column in columns:
-        batch[column] = np.array([s.value(column) for s in samples], dtype=object)
-    return batch
+        for samples, decoded in reader.decode_chunks(to_do(), content=reader.sample_content, rows=rows,
+                                                     image_size=image_size):
+            out = _rows([s.path for s in samples], decoded)
+            for column in columns:
+                out[column] = np.array([s.value(column) for s in samples], dtype=object)
+            yield out
+        write_marker(output, shard, seen)
 
 
 _DECODED = frozenset({PATH, IMAGE, WIDTH, HEIGHT, ERROR, RETRY})

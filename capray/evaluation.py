@@ -94,13 +94,13 @@ def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple
 
     from capray.autoscaler import wait_for_resources
     from capray.connect import ensure_ray
-    from capray.sizing import local_machine, plan_actors, task_cpus
+    from capray.sizing import local_machine, plan_pipeline
     from capray.tasks import map_with_retries
 
     ensure_ray()
     machine = local_machine()
-    read_cpus = task_cpus(machine, small=0.25, cluster=1.0)
-    plan = plan_actors(config.pool, machine=machine, reserve_cpus=read_cpus)
+    shares = plan_pipeline(config.pool, machine=machine, writes=False)  # the driver writes what it scores
+    plan = shares.actors
     log.info("evaluate: %s split of %s; %s", config.split, config.features, plan.describe())
     if machine is None:  # a cluster: the first actor may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="evaluate")
@@ -109,7 +109,7 @@ def _search(config: EvaluateConfig, *, checkpoint: str, objects: dict[str, tuple
     # task asks for a whole CPU, which the actor holds on a small machine (a hang; see caption).
     ds = ray.data.from_items([{SHARD: uri} for uri in files], override_num_blocks=min(len(files), MAX_BLOCKS))
     ds = map_with_retries(ds, read_features, fn_kwargs={"rows": config.batch_size}, batch_size=1,
-                          batch_format="pyarrow", num_cpus=read_cpus, max_retries=READ_TASK_RETRIES,
+                          batch_format="pyarrow", num_cpus=shares.read_cpus, max_retries=READ_TASK_RETRIES,
                           retry_exceptions=[storage.TransientStorageError])
     with Progress("evaluate", total=total, every_s=config.progress_s) as progress:
         ds = ds.map_batches(BeamSearcher, fn_constructor_kwargs={

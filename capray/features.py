@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from ray.data.datasource import FilenameProvider
 
-from capray import lease, shards, storage
+from capray import lease, reader, shards, storage
 from capray.annotations import (SPLITS, AnnotationError, Record, caption_fields, carved_split, carves_val,
                                 pair_sources, read_sources, shard_record, shard_text_columns, source_kind)
 from capray.autoscaler import wait_for_resources
@@ -38,11 +38,10 @@ from capray.encoders import EncoderSpec, build_encoder
 from capray.errors import ConfigError
 from capray.formats import (CAPTIONS, ENCODER_STATE_FILE, FEATURES, IMAGE, IMAGE_ID, PREPARE_FILE, TOKENS,
                             VOCAB_FILE)
-from capray.images import ImageDecodeError, decode_image
 from capray.listing import contains, digests_bytes, digests_of, load_digests
 from capray.precision import EncoderStage
 from capray.progress import Progress, report
-from capray.sizing import ActorPlan, local_machine, plan_actors, task_cpus
+from capray.sizing import PipelinePlan, local_machine, plan_pipeline, read_cpus
 from capray.tasks import MAX_BLOCKS, READ_TASK_RETRIES, ModelThread, map_with_retries
 from capray.vocab import Vocabulary, word_counts
 
@@ -52,9 +51,6 @@ ERRORS_DIR = "_errors"
 PIXELS = "pixels"
 SPLIT = "split"
 """The column that routes a row to ``OUT/<split>/``; the writer makes it the folder, the files never hold it."""
-DECODE_CPUS = 0.25
-"""CPU share of a decode task: decoding a small image is light, and a share unlike the actors' keeps
-Ray Data from fusing decoding into the (GPU) actors, so decoding scales on CPU nodes."""
 BATCHES_PER_BLOCK = 2
 """Encoder batches per input block: the block count follows the data, not the nodes up at submit
 time, so decode tasks spread over nodes that join later."""
@@ -108,34 +104,38 @@ def read_config_records(config: dict) -> list[Record]:
 
 def _record_failures(failures: list[dict], errors_dir: str, progress=None) -> None:
     """One small JSONL of a task's decode failures in ``errors_dir`` (merged into prepare.json at the end),
-    counted in the run's progress (``progress``: its counter, or None)."""
-    report(progress, 0, len(failures))
+    counted in the run's progress (``progress``: its counter, or None) as done images that are error
+    rows, as caption counts them: a listed image is as finished as an encoded one."""
+    report(progress, len(failures), len(failures))
     if failures:
         text = "".join(json.dumps(f) + "\n" for f in failures)
         storage.write_text(storage.join(errors_dir, f"{uuid.uuid4().hex}.jsonl"), text)
 
 
 def read_and_decode(batch: pa.Table, *, image_size: int, errors_dir: str, progress=None) -> pa.Table:
-    """CPU task: read each image's bytes and decode it.
+    """CPU task: loose images read and decoded (``capray.reader``).
 
     A permanent failure (missing object, undecodable bytes) is recorded and the image left out; a
     transient one (throttling, a reset connection) raises, and Ray runs the task again.
     """
-    keep, pixels, failures = [], [], []
-    uris = batch[IMAGE].to_pylist()
-    for i, (image_id, uri, data) in enumerate(zip(batch[IMAGE_ID].to_pylist(), uris, storage.read_many(uris))):
-        try:
-            if isinstance(data, Exception):  # a transient one is not caught here: Ray runs the task again
-                raise data
-            array, _, _ = decode_image(data, image_size)
-        except (ImageDecodeError, storage.StorageError) as exc:
-            failures.append({"image_id": image_id, "image": uri, "error": str(exc)})
-            continue
-        keep.append(i)
-        pixels.append(array)
-    _record_failures(failures, errors_dir, progress)
-    stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return batch.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
+    decoded = reader.read_objects(batch[IMAGE].to_pylist(), image_size=image_size)
+    _raise_transient(decoded)
+    _record_failures([{"image_id": image_id, "image": uri, "error": error}
+                      for image_id, uri, error in zip(batch[IMAGE_ID].to_pylist(), batch[IMAGE].to_pylist(),
+                                                      decoded.errors) if error], errors_dir, progress)
+    return _with_pixels(batch.filter(pa.array(decoded.ok)), decoded)
+
+
+def _raise_transient(decoded: reader.Decoded) -> None:
+    """Raise a transient read failure of the batch, if any: prepare never drops an image for one."""
+    if decoded.transient.any():
+        raise storage.TransientStorageError(decoded.errors[int(np.argmax(decoded.transient))])
+
+
+def _with_pixels(rows: pa.Table, decoded: reader.Decoded) -> pa.Table:
+    """``rows`` (those of the images that decoded, in order) with their pixels."""
+    pixels = np.ascontiguousarray(decoded.pixels[decoded.ok])
+    return rows.append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(pixels))
 
 
 def _blocks(table: pa.Table, shard_of_row: list[str], *, rows: int) -> list[pa.Table]:
@@ -263,7 +263,7 @@ def _read_shards_text(uris: list[str], *, settings: dict, machine) -> tuple[Shar
     ds = ray.data.from_arrow([pa.table({SHARD: pa.array(part, pa.string())})
                               for part in _spread(uris, MAX_BLOCKS) if part])
     ds = map_with_retries(ds, count_shard_text, fn_kwargs={"settings": settings}, batch_size=None,
-                          batch_format="pyarrow", num_cpus=task_cpus(machine, small=DECODE_CPUS, cluster=1.0),
+                          batch_format="pyarrow", num_cpus=read_cpus(machine),
                           max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
     merged, images = ShardText(), {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -289,40 +289,28 @@ def read_and_decode_stream(shard: str, *, image_size: int, errors_dir: str, rows
     ``read_and_decode`` records its failures. ``done``: the digests (``DONE_FILE``) of samples a resumed
     run has already, which are skipped."""
     finished = load_digests(done) if done else None
-    columns: dict[str, list] = {IMAGE_ID: [], IMAGE: [], CAPTIONS: [], TOKENS: [], SPLIT: []}
-    pixels, failures = [], []
 
-    def flush() -> pa.Table:
-        stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
-        table = pa.table({IMAGE_ID: pa.array(columns[IMAGE_ID], pa.string()),
-                          IMAGE: pa.array(columns[IMAGE], pa.string()),
-                          CAPTIONS: pa.array(columns[CAPTIONS], pa.list_(pa.string())),
-                          TOKENS: pa.array(columns[TOKENS], pa.list_(pa.list_(pa.int32()))),
-                          SPLIT: pa.array(columns[SPLIT], pa.string())})
-        return table.append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
+    def wanted() -> Iterator[tuple[shards.Sample, Record, str]]:
+        for sample, record, from_hash in shard_samples(shard, settings=settings, images=True):
+            split = carved_split(record, from_hash=from_hash, carve=carve, test_fraction=settings["test_fraction"])
+            if split in splits and (finished is None or not contains(finished, digests_of([record.image]))[0]):
+                yield sample, record, split
 
-    for sample, record, from_hash in shard_samples(shard, settings=settings, images=True):
-        split = carved_split(record, from_hash=from_hash, carve=carve, test_fraction=settings["test_fraction"])
-        if split not in splits or (finished is not None and contains(finished, digests_of([record.image]))[0]):
-            continue
-        try:
-            if sample.error is not None:
-                raise ImageDecodeError(sample.error)
-            array, _, _ = decode_image(sample.image, image_size)
-        except ImageDecodeError as exc:
-            failures.append({"image_id": record.image_id, "image": record.image, "error": str(exc), "split": split})
-            continue
-        for name, value in ((IMAGE_ID, record.image_id), (IMAGE, record.image), (CAPTIONS, list(record.captions)),
-                            (TOKENS, [vocab.encode(c, max_length=max_caption_tokens) for c in record.captions]),
-                            (SPLIT, split)):
-            columns[name].append(value)
-        pixels.append(array)
-        if len(pixels) == rows:
-            yield flush()
-            columns, pixels = {name: [] for name in columns}, []
+    failures = []
+    for chunk, decoded in reader.decode_chunks(wanted(), content=lambda item: reader.sample_content(item[0]),
+                                               rows=rows, image_size=image_size):
+        failures += [{"image_id": record.image_id, "image": record.image, "error": error, "split": split}
+                     for (_, record, split), error in zip(chunk, decoded.errors) if error]
+        kept = [(record, split) for (_, record, split), ok in zip(chunk, decoded.ok) if ok]
+        if kept:
+            yield _with_pixels(pa.table({
+                IMAGE_ID: pa.array([r.image_id for r, _ in kept], pa.string()),
+                IMAGE: pa.array([r.image for r, _ in kept], pa.string()),
+                CAPTIONS: pa.array([list(r.captions) for r, _ in kept], pa.list_(pa.string())),
+                TOKENS: pa.array([[vocab.encode(c, max_length=max_caption_tokens) for c in r.captions]
+                                  for r, _ in kept], pa.list_(pa.list_(pa.int32()))),
+                SPLIT: pa.array([split for _, split in kept], pa.string())}), decoded)
     _record_failures(failures, errors_dir, progress)
-    if pixels:
-        yield flush()
 
 
 def decode_block(block: pa.Table, *, image_size: int, errors_dir: str, batch_size: int, image_column: str,
@@ -368,34 +356,25 @@ def read_and_decode_shard(block: pa.Table, *, image_size: int, errors_dir: str, 
     wanted = {uri: i for i, uri in enumerate(block[IMAGE].to_pylist())}
     if not wanted:
         return
-    keep, pixels, failures = [], [], []
-
-    def flush() -> pa.Table:
-        stacked = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), np.uint8)
-        return block.take(keep).append_column(PIXELS, pa.FixedShapeTensorArray.from_numpy_ndarray(stacked))
-
     shard = shards.shard_of(next(iter(wanted)))
-    for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS, image_column=image_column,
-                                      key_column=key_column):
-        index = wanted.pop(sample.path, None)
-        if index is None:
-            continue
-        try:
-            if sample.error is not None:
-                raise ImageDecodeError(sample.error)
-            array, _, _ = decode_image(sample.image, image_size)
-        except ImageDecodeError as exc:
-            failures.append({"image_id": sample.path, "image": sample.path, "error": str(exc)})
-            continue
-        keep.append(index)
-        pixels.append(array)
-        if len(keep) == rows:
-            yield flush()
-            keep, pixels = [], []
+
+    def named() -> Iterator[tuple[int, shards.Sample]]:
+        for sample in shards.iter_samples(shard, image_extensions=shards.IMAGE_EXTENSIONS,
+                                          image_column=image_column, key_column=key_column):
+            index = wanted.pop(sample.path, None)  # popped: a key the shard repeats is read once
+            if index is not None:
+                yield index, sample
+
+    failures = []
+    for chunk, decoded in reader.decode_chunks(named(), content=lambda item: reader.sample_content(item[1]),
+                                               rows=rows, image_size=image_size):
+        failures += [{"image_id": s.path, "image": s.path, "error": error}
+                     for (_, s), error in zip(chunk, decoded.errors) if error]
+        kept = [i for (i, _), ok in zip(chunk, decoded.ok) if ok]
+        if kept:
+            yield _with_pixels(block.take(kept), decoded)
     failures += [{"image_id": uri, "image": uri, "error": "not in its shard any more"} for uri in wanted]
     _record_failures(failures, errors_dir, progress)
-    if keep:
-        yield flush()
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -454,7 +433,8 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
 
     ensure_ray()
     machine = local_machine()
-    plan = plan_actors(config.pool, machine=machine)
+    shares = plan_pipeline(config.pool, machine=machine)
+    plan = shares.actors
     if machine is None:  # a cluster: the first encoder actor may need a node that is not up yet
         wait_for_resources([plan.bundle()] * plan.min_actors, timeout_s=config.wait_timeout, what="prepare")
 
@@ -490,9 +470,9 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
     if len(done):
         todo_records = [r for r, skip in zip(records, contains(done, digests_of(r.image for r in records))) if not skip]
     total = sum(counts.values())
-    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s%s",
+    log.info("prepare: %d images (%s), encoder %s @ %d px → %s; %s; decode tasks × %g CPU%s",
              total, ", ".join(f"{s} {n}" for s, n in counts.items()), spec.name,
-             spec.image_size, config.out, plan.describe(),
+             spec.image_size, config.out, plan.describe(), shares.read_cpus,
              f"; kept as they are: {', '.join(kept)}" if kept else "")
     if resumed:
         log.info("prepare: resuming: %d images encoded or listed as errors already (%d of %d shard(s) done), "
@@ -504,7 +484,7 @@ def _prepare_holding(config: PrepareConfig, *, started: float) -> dict:
         storage.write_bytes(stream["done"], digests_bytes(done))
     encode_started = time.perf_counter()
     with Progress("prepare", total=total, every_s=config.progress_s, done_before=len(done)) as progress:
-        _encode(todo_records, todo_shards, vocab, spec=spec, config=config, plan=plan, errors_dir=errors_dir,
+        _encode(todo_records, todo_shards, vocab, spec=spec, config=config, shares=shares, errors_dir=errors_dir,
                 stream=stream, progress=progress.counter)
     encode_seconds = time.perf_counter() - encode_started
     splits = {}
@@ -677,7 +657,7 @@ def _sources(config: PrepareConfig) -> tuple[list[tuple[str, str | None]], list[
 
 
 def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, spec: EncoderSpec,
-            config: PrepareConfig, plan: ActorPlan, errors_dir: str, stream: dict, progress=None) -> None:
+            config: PrepareConfig, shares: PipelinePlan, errors_dir: str, stream: dict, progress=None) -> None:
     """Every split in one pipeline, so the encoder actors start once: rows carry their split, and the
     Parquet writer files each row under ``OUT/<split>/`` (the split is the folder, not a column).
 
@@ -712,8 +692,9 @@ def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, 
                               "image_column": config.shard_columns.image_column,
                               "key_column": config.shard_columns.key_column, "stream": stream,
                               "progress": progress},
-                          batch_size=None, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                          batch_size=None, batch_format="pyarrow", num_cpus=shares.read_cpus,
                           max_retries=READ_TASK_RETRIES, retry_exceptions=[storage.TransientStorageError])
+    plan = shares.actors
     if plan.min_actors == plan.max_actors and plan.min_actors > num_blocks:  # a fixed pool: no idle actors
         plan = replace(plan, min_actors=num_blocks, max_actors=num_blocks)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"spec": spec.to_dict(), "use_gpu": plan.num_gpus > 0,
@@ -725,7 +706,8 @@ def _encode(records: list[Record], shard_uris: list[str], vocab: Vocabulary, *, 
         # of a repartition by split: a shuffle of every feature row. Pinned Ray keeps the streaming write.
         warnings.filterwarnings("ignore", message=".*min_rows_per_file.*partition_cols", category=DeprecationWarning)
         ds.write_parquet(config.out, partition_cols=[SPLIT], partitioning_flavor=None,
-                         min_rows_per_file=config.rows_per_file, filename_provider=_PartNames())
+                         min_rows_per_file=config.rows_per_file, filename_provider=_PartNames(),
+                         ray_remote_args={"num_cpus": shares.write_cpus})
 
 
 def count_rows(uri: str) -> int:

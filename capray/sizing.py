@@ -122,6 +122,39 @@ def task_cpus(machine: Machine | None, *, small: float, cluster: float) -> float
     return small if machine is not None and machine.cpus <= 4 else cluster
 
 
+def read_cpus(machine: Machine | None) -> float:
+    """CPU share of a task that reads and decodes images (prepare's and caption's decode tasks, through
+    ``capray.reader``) or reads shards' text or feature files (prepare's text pass, evaluate): a
+    whole CPU on a cluster, where it decodes one image at a time on one core; 0.4 on a small local
+    machine, beside its model actor."""
+    return task_cpus(machine, small=0.4, cluster=1.0)
+
+
+def write_cpus(machine: Machine | None) -> float:
+    """CPU share of a write task (prepare's feature files, caption's output shards): writing waits on
+    storage more than it computes. Small enough that the writes start beside the decode tasks and the
+    model actors (a write task that cannot start holds every finished row in the object store)."""
+    return task_cpus(machine, small=0.1, cluster=0.25)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """What a Ray Data job's stages ask for: its model actors, each read task and each write task."""
+
+    actors: ActorPlan
+    read_cpus: float
+    write_cpus: float
+
+
+def plan_pipeline(pool: ActorPool, *, machine: Machine | None, writes: bool = True) -> PipelinePlan:
+    """The one policy of prepare, caption and evaluate: read tasks ``read_cpus``, write tasks
+    ``write_cpus`` (``writes=False``: the job writes from the driver), and on a local machine the model
+    actors get what those leave (``plan_actors``)."""
+    read, write = read_cpus(machine), write_cpus(machine) if writes else 0.0
+    return PipelinePlan(actors=plan_actors(pool, machine=machine, reserve_cpus=read + write), read_cpus=read,
+                        write_cpus=write)
+
+
 def worker_cpus(*, workers: int, machine: Machine | None, reserve_cpus: float = 1.0) -> float:
     """CPU share of a Ray Train worker: 1 on a cluster; on a small local machine a fraction of it."""
     if machine is None:

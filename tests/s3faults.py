@@ -4,9 +4,10 @@ Clients reach it through ``AWS_ENDPOINT_URL`` like any S3-compatible store (the 
 fixture sets that), so pyarrow and boto3 go through it unchanged; so do Ray workers started after
 the variable is set (a running Ray's workers keep the endpoint they started with). It forwards every
 request byte for byte (headers, chunked bodies with their trailers, HEAD) except those a
-``FaultPlan`` selects, which get S3's ``503 SlowDown`` answer instead (a plan can also make every
-object read slow, as a distant or loaded store is); and it counts requests by kind, so a test can
-check how many object reads or list pages a piece of code really issued.
+``FaultPlan`` selects, which get S3's ``503 SlowDown`` answer instead (a plan can also hold chosen
+object reads unanswered until the test lets them go, so a job is surely still running when the test
+acts on it); and it counts requests by kind, so a test can check how many object reads or list pages
+a piece of code really issued.
 
 Requests are path-style (``/bucket/key?query``), which is what both SDKs send to an IP endpoint.
 """
@@ -50,8 +51,9 @@ class FaultPlan:
     """The first this many GETs of each selected object fail (``ALWAYS``: every one)."""
     list_failures: int = 0
     """The first this many list requests (any bucket) fail (``ALWAYS``: every one)."""
-    get_delay_s: float = 0.0
-    """Seconds every object GET (of any key, failed or not) waits before it is answered: a slow store."""
+    hold_keys: Callable[[str, str], bool] | None = None
+    """(bucket, key) → whether GETs of that object wait, unanswered, until the plan is changed
+    (``configure``, ``heal``): a read that hangs, so the job reading it cannot end meanwhile."""
 
 
 def keys(names: Iterable[str]) -> Callable[[str, str], bool]:
@@ -112,8 +114,8 @@ class FaultyS3Proxy:
         with self._lock:
             self._counts.clear()
 
-    def _decide(self, method: str, bucket: str, key: str, query: dict[str, list[str]]) -> tuple[bool, float]:
-        """Count the request; (whether it is to be failed, seconds to wait before answering it)."""
+    def _decide(self, method: str, bucket: str, key: str, query: dict[str, list[str]]) -> tuple[bool, bool]:
+        """Count the request; (whether it is to be failed, whether it is held first)."""
         kind = _kind(method, bucket, key, query)
         with self._lock:
             self._counts[kind] += 1
@@ -128,7 +130,12 @@ class FaultyS3Proxy:
                 fail = True
             if fail:
                 self._counts["injected"] += 1
-            return fail, plan.get_delay_s if kind == "get" else 0.0
+            return fail, kind == "get" and self._held(bucket, key)
+
+    def _held(self, bucket: str, key: str) -> bool:
+        """Whether the plan in force holds GETs of this object (the caller holds the lock, or polls)."""
+        hold = self._plan.hold_keys
+        return hold is not None and hold(bucket, key)
 
 
 def _kind(method: str, bucket: str, key: str, query: dict[str, list[str]]) -> str:
@@ -156,9 +163,11 @@ def _handler(proxy: FaultyS3Proxy) -> type[BaseHTTPRequestHandler]:
             bucket, _, key = urllib.parse.unquote(split.path).lstrip("/").partition("/")
             query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
             body = self._read_body()
-            fail, delay_s = proxy._decide(self.command, bucket, key, query)
-            if delay_s:
-                time.sleep(delay_s)  # this request's own thread: other requests go on meanwhile
+            fail, held = proxy._decide(self.command, bucket, key, query)
+            while held:  # this request's own thread: other requests go on meanwhile
+                time.sleep(0.05)
+                with proxy._lock:
+                    held = proxy._held(bucket, key)
             if fail:
                 self._slow_down(split.path)
                 return

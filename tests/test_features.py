@@ -83,15 +83,24 @@ def _batch(uris: list[str]) -> pa.Table:
                      CAPTIONS: [["a red square"]] * len(uris), TOKENS: [[[1, 4, 2]]] * len(uris)})
 
 
-def test_decode_lists_permanent_failures_and_raises_transient_ones(s3_bucket, faulty_s3, tmp_path, monkeypatch):
+def test_decode_lists_permanent_failures_and_raises_transient_ones(ray_local, s3_bucket, faulty_s3, tmp_path,
+                                                                   monkeypatch):
+    from capray.progress import Progress
+
     for name, data in {"good.png": _png("red"), "broken.png": b"\x89PNG\r\n\x1a\n not really",
                        "throttled.png": _png("blue")}.items():
         storage.write_bytes(f"{s3_bucket}/in/{name}", data)
     errors_dir = str(tmp_path / "errors")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
 
-    out = read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/broken.png",
-                                  f"{s3_bucket}/in/missing.png"]), image_size=32, errors_dir=errors_dir)
+    with Progress("prepare", total=3, every_s=60) as progress:
+        out = read_and_decode(_batch([f"{s3_bucket}/in/good.png", f"{s3_bucket}/in/broken.png",
+                                      f"{s3_bucket}/in/missing.png"]), image_size=32, errors_dir=errors_dir,
+                              progress=progress.counter)
+        # A listed image is done, as an error row is in caption's count (a run with errors ends at 100%);
+        # the good one is counted once the encoder has it.
+        line = progress.line()
+    assert line.startswith("prepare: 2/3 images (66.7%), ") and ", 2 error rows, " in line, line
     assert out[IMAGE_ID].to_pylist() == ["0"]  # the good one; the two permanent failures are listed
     listed = [json.loads(line)["image"] for f in sorted((tmp_path / "errors").iterdir())
               for line in f.read_text().splitlines()]
@@ -275,8 +284,9 @@ def test_prepare_from_shards_reads_no_image_in_the_driver_and_gives_what_the_rec
 @pytest.mark.slow
 def test_a_killed_prepare_resumes_and_no_image_is_encoded_twice_or_missing(ray_local, s3_bucket, faulty_s3, job_env,
                                                                           tmp_path, caplog):
-    """prepare (loose images and WebDataset shards on a slow store, small feature files) is SIGKILLed once
-    some files are out; the same command again encodes only the rest: every image is one row or one
+    """prepare (loose images and WebDataset shards, small feature files) is SIGKILLed once some files are
+    out, while the store holds one loose image's read unanswered (so the run cannot have ended); the same
+    command again encodes only the rest: every image is one row or one
     listed error, and a file the kill cut short is deleted and its images encoded again. The resumed
     run's progress lines count the whole job, at most one a second."""
     import logging
@@ -304,7 +314,8 @@ def test_a_killed_prepare_resumes_and_no_image_is_encoded_twice_or_missing(ray_l
     script = ("import sys; from capray.config import ActorPool; from capray.encoders import EncoderSpec; "
               "from capray.features import PrepareConfig, prepare; "
               f"prepare(PrepareConfig(**{{**{settings!r}, 'encoder': EncoderSpec('resnet18', 'none', 48)}}))")
-    faulty_s3.configure(FaultPlan(get_delay_s=0.5))  # a slow store: the kill lands while images are still read
+    held = read_sources([(manifest, None)], test_fraction=0.2)[-1].image.split("/", 3)[3]
+    faulty_s3.configure(FaultPlan(hold_keys=keys({held})))  # the run cannot end until the test heals the store
     env = {**job_env, "AWS_ENDPOINT_URL": faulty_s3.url}
     job = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

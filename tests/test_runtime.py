@@ -8,7 +8,7 @@ import pytest
 from capray.autoscaler import ResourceWaitTimeout, wait_for_resources
 from capray.config import ActorPool
 from capray.connect import is_local
-from capray.sizing import ActorPlan, Machine, plan_actors, task_cpus, worker_cpus
+from capray.sizing import ActorPlan, Machine, plan_actors, plan_pipeline, task_cpus, worker_cpus
 
 
 def test_a_cluster_plan_asks_what_one_node_gives_and_scales_the_pool():
@@ -64,6 +64,21 @@ def test_task_and_worker_shares_are_fractional_only_on_a_small_local_machine():
     assert task_cpus(None, small=0.4, cluster=1.0) == 1.0
     assert worker_cpus(workers=2, machine=Machine(cpus=2, gpus=0)) == 0.5
     assert worker_cpus(workers=2, machine=None) == 1.0
+
+
+@pytest.mark.parametrize("pool", [ActorPool(), ActorPool(actors=2)])
+def test_one_pipeline_policy_leaves_a_small_machine_room_for_a_read_and_a_write_beside_its_actors(pool):
+    """prepare, caption and evaluate plan alike. On 2 cores the actors leave room for one read task and
+    one write task at once (a write that cannot start holds every finished row until the end)."""
+    shares = plan_pipeline(pool, machine=Machine(cpus=2, gpus=0))
+    assert (shares.read_cpus, shares.write_cpus) == (0.4, 0.1)
+    assert shares.actors.min_actors * shares.actors.num_cpus + shares.read_cpus + shares.write_cpus <= 2 + 1e-9
+    assert plan_pipeline(pool, machine=Machine(cpus=2, gpus=0), writes=False).write_cpus == 0.0
+
+
+def test_on_a_cluster_a_read_task_is_a_whole_cpu_and_a_write_task_a_quarter():
+    shares = plan_pipeline(ActorPool(gpus_per_actor=1.0), machine=None)
+    assert (shares.read_cpus, shares.write_cpus, shares.actors.num_cpus, shares.actors.num_gpus) == (1.0, 0.25, 1.0, 1.0)
 
 
 def test_local_means_no_ray_address(monkeypatch):
