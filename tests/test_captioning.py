@@ -534,7 +534,9 @@ def test_a_second_run_into_a_held_output_is_refused_and_a_killed_owner_is_taken_
 
     paths = read_output(str(output)).column("path").to_pylist()
     assert sorted(paths) == sorted(f"{s3_bucket}/in/{n}" for n in names)  # one row per image
-    assert (summary.skipped, summary.ok) == (len(set(before)), len(names) - len(set(before)))
+    # A write task of the killed run can still land a shard after ``before`` was read (a Ray worker
+    # outlives its raylet for a moment); the re-run skips whatever is there and captions the rest.
+    assert summary.skipped >= len(set(before)) and summary.skipped + summary.ok == len(names)
     assert not (output / "_lease.json").exists() and not (output / "_listing").exists()
     assert not (output / ".part-20260101T000000-abcdef-000009.parquet.tmp-0123abcd").exists()
 
