@@ -8,8 +8,9 @@ What it does, on this machine:
    ``--samples-per-shard`` on moto's S3 server (started here), plus one shard of ``--broken`` samples
    whose bytes are not an image; with ``--loose``, the same JPEGs (and the broken ones) as files in a
    local folder too;
-2. measures a plain single-process loop over the first shards (read, decode, caption with the same
-   ``Captioner``, 2 torch threads, no Ray): the rate the pipeline is held against;
+2. measures, for each input, a plain single-process loop over its first ``--loop-shards`` shards (or
+   as many loose files): read, decode, caption with the same ``Captioner``, 2 torch threads, no Ray;
+   the rate that input's pipeline is held against;
 3. runs ``capray caption`` (``jobs/caption.py``) in a subprocess, SIGKILLs it (the driver and the Ray
    it started) once its progress lines pass ``--kill-at`` of the images, counts the rows it left, then
    runs the same command again to the end; and does one uninterrupted run over N/10 images for the
@@ -90,13 +91,13 @@ def main() -> None:
             results["generate_s"] = round(time.perf_counter() - started, 1)
             checkpoint = str(workdir / "checkpoint")
             build_checkpoint(checkpoint)
-            results["plain_loop_images_per_s"] = plain_loop(inputs["webdataset"], checkpoint, args)
             for name, uri in inputs.items():
                 if args.only and name != args.only:
                     continue
-                results["inputs"][name] = run_input(name, uri, checkpoint, workdir, args)
-                results["inputs"][name]["vs_plain_loop"] = round(
-                    results["inputs"][name]["steady_images_per_s"] / results["plain_loop_images_per_s"], 2)
+                loop = plain_loop(loop_images(name, uri, args), checkpoint, args)
+                run = results["inputs"][name] = run_input(name, uri, checkpoint, workdir, args)
+                run["plain_loop_images_per_s"] = loop
+                run["vs_plain_loop"] = round(run["steady_images_per_s"] / loop, 2)
         if args.prepare_samples:
             results["prepare"] = prepare_memory("s3://bench", workdir, args)
     finally:
@@ -149,8 +150,25 @@ def _tar(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def plain_loop(tars: str, checkpoint: str, args) -> float:
-    """Images/s of one process reading, decoding and captioning the first shards, without Ray."""
+def loop_images(name: str, uri: str, args):
+    """The bytes of the plain loop's images: the first ``--loop-shards`` shards' samples, or as many
+    loose files (``--loop-shards`` × ``--samples-per-shard``, in path order)."""
+    if name == "webdataset":
+        for shard in shards.list_shards(uri, shards.WEBDATASET)[:args.loop_shards]:
+            for sample in shards.iter_samples(shard, image_extensions=("jpg",)):
+                yield sample.image
+        return
+    left = args.loop_shards * args.samples_per_shard
+    for folder in sorted(Path(uri).iterdir()):
+        for path in sorted(folder.glob("*.jpg"))[:left]:
+            yield path.read_bytes()
+            left -= 1
+        if not left:
+            return
+
+
+def plain_loop(images, checkpoint: str, args) -> float:
+    """Images/s of one process reading, decoding and captioning ``images`` (an iterator of bytes), without Ray."""
     import numpy as np
     import torch
 
@@ -161,20 +179,19 @@ def plain_loop(tars: str, checkpoint: str, args) -> float:
     captioner = Captioner(checkpoint, beam_size=3, max_length=8, threads=2, use_gpu=False,
                           warmup_batch=args.batch_size)
     size = captioner.encoder.spec.image_size
-    images, batch, started = 0, [], time.perf_counter()
-    for shard in shards.list_shards(tars, shards.WEBDATASET)[:args.loop_shards]:
-        for sample in shards.iter_samples(shard, image_extensions=("jpg",)):
-            try:
-                batch.append(decode_image(sample.image, size)[0])
-            except ImageDecodeError:
-                continue
-            if len(batch) == args.batch_size:
-                captioner.caption(np.stack(batch))
-                images, batch = images + len(batch), []
+    count, batch, started = 0, [], time.perf_counter()
+    for data in images:
+        try:
+            batch.append(decode_image(data, size)[0])
+        except ImageDecodeError:
+            continue
+        if len(batch) == args.batch_size:
+            captioner.caption(np.stack(batch))
+            count, batch = count + len(batch), []
     if batch:
         captioner.caption(np.stack(batch))
-        images += len(batch)
-    return round(images / (time.perf_counter() - started), 1)
+        count += len(batch)
+    return round(count / (time.perf_counter() - started), 1)
 
 
 def run_input(name: str, uri: str, checkpoint: str, workdir: Path, args) -> dict:
@@ -327,10 +344,9 @@ def output_paths(out: str) -> list[tuple[str, bool]]:
 
 def print_table(results: dict) -> None:
     print(f"\ncapray caption at N = {results['num_images']:,} (+{results['broken']} broken), "
-          f"{results['image_size']} px JPEGs, rows per shard {results['rows_per_shard']}; "
-          f"plain loop {results['plain_loop_images_per_s']} images/s")
+          f"{results['image_size']} px JPEGs, rows per shard {results['rows_per_shard']}")
     keys = ["expected", "rows", "unique_paths", "error_rows", "killed_after_rows", "redone_after_kill",
-            "redone_share", "steady_images_per_s", "vs_plain_loop", "resume_to_first_line_s", "resumed_wall_s",
+            "redone_share", "plain_loop_images_per_s", "steady_images_per_s", "vs_plain_loop", "resume_to_first_line_s", "resumed_wall_s",
             "killed_run_wall_s", "shards", "driver_peak_rss_mb", "driver_peak_rss_mb_tenth", "rss_ratio"]
     names = list(results["inputs"])
     print(f"{'':<26}" + "".join(f"{n:>14}" for n in names))
