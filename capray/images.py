@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,6 +32,36 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> tup
     Returns the (size, size, 3) uint8 array and the oriented source width and height.
     Raises ``ImageDecodeError`` with a short reason for anything that is not a decodable image.
     """
+    with _opened(data, max_pixels) as image:
+        width, height = image.size
+        if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90°: a viewer swaps them
+            width, height = height, width
+        # JPEG: let libjpeg decode at a reduced scale when the target is much smaller (fast).
+        image.draft("RGB", (size, size))
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        array = np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy wants it so
+    return array, int(width), int(height)
+
+
+def thumbnail(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode, apply EXIF orientation, convert to RGB and shrink to fit ``size``×``size``, keeping the
+    aspect ratio (the gallery's thumbnails; the encoder's square input is ``decode_image``'s).
+
+    Raises ``ImageDecodeError`` with a short reason for anything that is not a decodable image.
+    """
+    with _opened(data, max_pixels) as image:
+        image.draft("RGB", (size, size))
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        rgb.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return rgb
+
+
+@contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image PIL opens from ``data``, for the body of the ``with`` to decode; anything that goes
+    wrong there (PIL raises many types: OSError, SyntaxError, ValueError, struct.error, ...) and images
+    over ``max_pixels`` become one ``ImageDecodeError`` with a short reason."""
     if not data:
         raise ImageDecodeError("empty file")
     try:
@@ -40,48 +72,13 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> tup
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image too large ({width}x{height} pixels > {max_pixels}): "
                                        "refused as a possible decompression bomb")
-            if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90°: a viewer swaps them
-                width, height = height, width
-            # JPEG: let libjpeg decode at a reduced scale when the target is much smaller (fast).
-            image.draft("RGB", (size, size))
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            array = np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy wants it so
+            yield image
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"refused as a possible decompression bomb: {exc}") from None
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+    except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}".strip()) from None
-    return array, int(width), int(height)
-
-
-def thumbnail(data: bytes, size: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode, apply EXIF orientation, convert to RGB and shrink to fit ``size``×``size``, keeping the
-    aspect ratio (the gallery's thumbnails; the encoder's square input is ``decode_image``'s).
-
-    Raises ``ImageDecodeError`` with a short reason for anything that is not a decodable image.
-    """
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"image too large ({width}x{height} pixels > {max_pixels})")
-            image.draft("RGB", (size, size))
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-            rgb.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"refused as a possible decompression bomb: {exc}") from None
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
-        raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}".strip()) from None
-    return rgb
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -342,11 +342,9 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
         try:
             answer = _s3_client().get_object(Bucket=bucket, Key=key)
             return answer["Body"].read(), answer["ETag"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise _classified_boto(f"cannot read {uri}", exc) from exc
-        except BotoCoreError as exc:
             raise _classified_boto(f"cannot read {uri}", exc) from exc
     path = resolve(uri)[1]
     try:
@@ -397,11 +395,9 @@ def delete_if(uri: str, version: str) -> bool:
         try:
             _s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
             return True
-        except ClientError as exc:
-            if _lost_condition(exc):
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and _lost_condition(exc):
                 return False
-            raise _classified_boto(f"cannot delete {uri}", exc) from exc
-        except BotoCoreError as exc:
             raise _classified_boto(f"cannot delete {uri}", exc) from exc
     path = resolve(uri)[1]
     try:
@@ -421,11 +417,9 @@ def _put_if(uri: str, data: bytes, **condition: str) -> str | None:
     bucket, key = _bucket_and_key(uri)
     try:
         return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-    except ClientError as exc:
-        if _lost_condition(exc):
+    except (BotoCoreError, ClientError) as exc:
+        if isinstance(exc, ClientError) and _lost_condition(exc):
             return None
-        raise _classified_boto(f"cannot write {uri}", exc) from exc
-    except BotoCoreError as exc:
         raise _classified_boto(f"cannot write {uri}", exc) from exc
 
 
