@@ -153,16 +153,22 @@ def _s3_client():
 
     boto3 finds keys and instance profiles itself. The endpoint is passed (the one the filesystems
     use, not one from ~/.aws/config that pyarrow would not see), and so is the region, in pyarrow's
-    order (``AWS_DEFAULT_REGION`` first, measured): boto3 alone ignores ``AWS_REGION``. A client per
-    listing: creating one takes ~80 ms, a listing seconds to minutes.
+    order (``AWS_DEFAULT_REGION`` first, measured): boto3 alone ignores ``AWS_REGION``.
     """
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+    return _cached_s3_client(_s3_endpoint(), region, max_attempts())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_s3_client(endpoint: str, region: str | None, attempts: int):
+    """One client per endpoint, region and attempt count, shared by threads (boto3's clients are
+    thread-safe): creating one takes ~80 ms, and every object read goes through one."""
     import boto3
     from botocore.config import Config
 
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
-    config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts()})  # first call included
-    return boto3.session.Session().client("s3", endpoint_url=_s3_endpoint() or None, region_name=region,
-                                          config=config)
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts},  # first call included
+                    max_pool_connections=READ_AHEAD)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
 
 
 def normalize(uri: str) -> str:
@@ -221,16 +227,13 @@ def makedirs(uri: str) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole object, in one ranged GET: pyarrow's S3 input stream would fetch it in small chunks, a
-    GET each (a model checkpoint took hundreds)."""
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: no such file") from exc
-    except OSError as exc:
-        raise classified(f"cannot read {uri}", exc) from exc
+    """The whole file. On S3 that is one GET without a range (``read_versioned``): one version of the
+    object even while another writer replaces it (a lease's heartbeat), and one request however large
+    it is, where pyarrow's input stream asks for a chunk per GET (hundreds for a model checkpoint)."""
+    found = read_versioned(uri)
+    if found is None:
+        raise StorageError(f"{uri}: no such file")
+    return found[0]
 
 
 READ_AHEAD = 16
@@ -334,7 +337,7 @@ def _fsync_dir(folder: str) -> None:
 # temporary file to the name, which fails if the name exists. capray.lease builds on these.
 
 def read_versioned(uri: str) -> tuple[bytes, str] | None:
-    """The content of a small file and its version (the S3 ETag), or None if it does not exist."""
+    """The content of a file and its version (the S3 ETag), or None if it does not exist."""
     if is_remote(uri):
         from botocore.exceptions import BotoCoreError, ClientError
 

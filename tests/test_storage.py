@@ -64,6 +64,32 @@ def test_write_replaces_existing_content(root):
     assert storage.read_text(uri) == "second"
 
 
+def test_a_read_while_another_writer_replaces_the_file_gets_one_whole_version(root):
+    """A lease's heartbeat rewrites its file while others read it: a read that asked for the size first
+    and the bytes after (a ranged GET) could join two versions of different lengths."""
+    import threading
+
+    uri = storage.join(root, "often.json")
+    versions = [b'{"beat": 1}', b'{"beat": 1.25, "padding": "' + b"x" * 300 + b'"}']
+    storage.write_bytes(uri, versions[0])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            storage.write_bytes(uri, versions[i % 2])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [storage.read_bytes(uri) for _ in range(200)]
+    finally:
+        stop.set()
+        writer.join()
+    assert set(reads) <= set(versions)
+
+
 def test_local_write_leaves_no_temporary_file(tmp_path):
     storage.write_text(str(tmp_path / "f.txt"), "x")
     assert os.listdir(tmp_path) == ["f.txt"]
