@@ -346,8 +346,9 @@ def print_table(results: dict) -> None:
     print(f"\ncapray caption at N = {results['num_images']:,} (+{results['broken']} broken), "
           f"{results['image_size']} px JPEGs, rows per shard {results['rows_per_shard']}")
     keys = ["expected", "rows", "unique_paths", "error_rows", "killed_after_rows", "redone_after_kill",
-            "redone_share", "plain_loop_images_per_s", "steady_images_per_s", "vs_plain_loop", "resume_to_first_line_s", "resumed_wall_s",
-            "killed_run_wall_s", "shards", "driver_peak_rss_mb", "driver_peak_rss_mb_tenth", "rss_ratio"]
+            "redone_share", "plain_loop_images_per_s", "steady_images_per_s", "vs_plain_loop",
+            "resume_to_first_line_s", "resumed_wall_s", "killed_run_wall_s", "shards", "driver_peak_rss_mb",
+            "driver_peak_rss_mb_tenth", "rss_ratio"]
     names = list(results["inputs"])
     print(f"{'':<26}" + "".join(f"{n:>14}" for n in names))
     for key in keys:
